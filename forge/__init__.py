@@ -1,0 +1,52 @@
+"""forge: turn a training idea into a resilient distributed training run.
+
+Three ways in, all first-class::
+
+    python -m forge trainer.max_steps=200          # Hydra overrides
+    forge.train(["experiment=digits"])              # library API (returns a RunResult)
+    ray job submit -- python -m forge ray.address=auto ...   # a running Ray cluster
+
+Nothing heavy (torch, ray, hydra) is imported by ``import forge``; names load on first use.
+
+Example:
+    >>> import forge
+    >>> cfg = forge.compose(["trainer.max_steps=5"])
+    >>> cfg.trainer.max_steps
+    5
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# name -> module that defines it; resolved lazily in __getattr__ so `import forge` stays cheap.
+_EXPORTS = {
+    "compose": "forge.config.compose",
+    "train": "forge.api",
+    "RunResult": "forge.api",
+    "Recipe": "forge.recipe",
+    "ForgeError": "forge.errors",
+    "ConfigError": "forge.errors",
+    "ClusterError": "forge.errors",
+    "TrainingError": "forge.errors",
+    "CheckpointError": "forge.errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+if TYPE_CHECKING:
+    from forge.api import RunResult, train
+    from forge.config.compose import compose
+    from forge.errors import CheckpointError, ClusterError, ConfigError, ForgeError, TrainingError
+    from forge.recipe import Recipe
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'forge' has no attribute {name!r}")

@@ -1,0 +1,216 @@
+"""``forge.train``: config (or overrides) in, trained model and a :class:`RunResult` out.
+
+The driver side of a run, in order: compose → validate → plan the run folder (new, or resumed)
+→ write provenance → start/join Ray → check resources → launch → summarize.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig
+from rich.console import Console
+
+from forge.checkpoint import storage
+from forge.checkpoint.store import CheckpointStore, open_checkpoint
+from forge.config.compose import compose
+from forge.config.specs import LaunchPlan, RunSpec
+from forge.config.validate import to_run_spec
+from forge.errors import ConfigError
+from forge.progress import make_console
+from forge.run_folder import config_hash, git_state, redacted_config, write_provenance
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished run produced.
+
+    Attributes:
+        metrics: Final metrics from rank 0 (validation metrics after the last step).
+        global_step: Optimizer steps reached.
+        last_checkpoint: URI of the newest committed checkpoint.
+        best_checkpoint: URI of the best checkpoint by ``checkpoint.monitor`` (or None).
+        run_dir: The run folder (config, metrics.jsonl, tensorboard/, checkpoints/).
+        step_time_s: Median wall time per optimizer step on rank 0, after warm-up.
+        time_to_first_step_s: From the ``forge.train`` call to the end of the first step.
+        wall_time_s: The whole call.
+        resume_command: The command that continues this run.
+    """
+
+    metrics: dict[str, float]
+    global_step: int
+    last_checkpoint: str | None
+    best_checkpoint: str | None
+    run_dir: str
+    step_time_s: float | None = None
+    time_to_first_step_s: float | None = None
+    wall_time_s: float = 0.0
+    resume_command: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def train(
+    config: DictConfig | Sequence[str] | None = None,
+    *,
+    overrides: Sequence[str] | None = None,
+    console: Console | None = None,
+) -> RunResult:
+    """Train a recipe on Ray and return the result.
+
+    Args:
+        config: A composed config (from :func:`forge.compose`) or a list of Hydra overrides.
+            None trains the default experiment.
+        overrides: The overrides that produced ``config`` (recorded in the run folder and the
+            resume command); taken from ``config`` when it is a list.
+        console: Where progress and the summary go (stderr by default).
+
+    Returns:
+        A :class:`RunResult`.
+
+    Raises:
+        ConfigError: Invalid config, caught before any worker starts.
+        ClusterError: The cluster cannot run it (no GPUs, too few CPUs, unreachable address).
+        TrainingError: A worker failed more often than ``trainer.max_failures`` allows.
+
+    Example:
+        >>> result = forge.train(["trainer.max_steps=20", "scaling.num_workers=1"])  # doctest: +SKIP
+        >>> result.global_step
+        20
+    """
+    from forge.cluster import check_resources, ray_session
+    from forge.launch import launch
+    from forge.progress import ConsoleProgress, print_summary
+
+    launch_time = time.time()
+    if config is None or not isinstance(config, DictConfig):
+        overrides = list(config or []) if overrides is None else list(overrides)
+        config = compose(overrides)
+    overrides = list(overrides or [])
+    spec = to_run_spec(config)
+    saved_config = redacted_config(config)
+    plan, notice = plan_run(spec, saved_config, launch_time)
+    console = console or make_console()
+    if notice:
+        console.print(notice)
+    with ray_session(spec.ray, spec.verbose):
+        check_resources(spec.scaling)
+        git_sha, dirty = git_state()
+        write_provenance(
+            plan.run_uri,
+            saved_config,
+            redact_overrides(overrides),
+            seed=spec.seed,
+            world_size=spec.scaling.num_workers,
+            git_sha=git_sha,
+            git_dirty=dirty,
+        )
+        console.print(
+            f"[bold]forge[/] {spec.recipe.name}: {spec.scaling.num_workers} worker(s), "
+            f"{spec.strategy.name} over {spec.scaling.backend}, run folder {plan.run_uri}"
+        )
+        progress = ConsoleProgress(console)
+        try:
+            summary = launch(spec, plan, progress)
+        finally:
+            progress.close()
+    result = RunResult(
+        metrics={k: v for k, v in summary.items() if "/" in k and isinstance(v, (int, float))},
+        global_step=int(summary.get("step", 0)),
+        last_checkpoint=summary.get("last_checkpoint"),
+        best_checkpoint=summary.get("best_checkpoint"),
+        run_dir=plan.run_uri,
+        step_time_s=summary.get("step_time_s"),
+        time_to_first_step_s=summary.get("time_to_first_step_s"),
+        wall_time_s=time.time() - launch_time,
+        resume_command=resume_command(overrides, plan.run_uri),
+    )
+    print_summary(console, result)
+    return result
+
+
+def plan_run(
+    spec: RunSpec, saved_config: dict[str, Any], launch_time: float
+) -> tuple[LaunchPlan, str | None]:
+    """Pick the run folder and the checkpoint to start from; refuse to clobber a run.
+
+    * ``resume=null``: a new run folder (an existing one with checkpoints is refused).
+    * ``resume=auto``: the run named by ``run_name``, or else the newest run of this recipe
+      under ``storage.uri`` that has a committed checkpoint; a fresh run if there is none.
+    * ``resume=<uri>``: start from that committed checkpoint, in a new run folder.
+
+    Returns the plan and an optional notice for the console.
+    """
+    root = storage.normalize(spec.storage.uri)
+    notice = None
+    resume_from = None
+    run_name = spec.run_name
+    if spec.resume == "auto":
+        if run_name is None:
+            run_name = newest_resumable_run(root, spec.recipe.name)
+        if run_name is None or CheckpointStore(storage.join(root, run_name)).latest(False) is None:
+            notice = (
+                f"resume=auto: no committed checkpoint for {spec.recipe.name} under {root}; "
+                "starting a new run."
+            )
+    elif spec.resume is not None:
+        resume_from = open_checkpoint(spec.resume).uri  # fails now if it is not committed
+    if run_name is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(launch_time))
+        run_name = f"{spec.recipe.name}-{stamp}"
+    run_uri = storage.join(root, run_name)
+    if spec.resume is None and CheckpointStore(run_uri).committed():
+        raise ConfigError(
+            f"run folder {run_uri} already has checkpoints. Continue it with resume=auto "
+            f"run_name={run_name}, or start a new run with another run_name."
+        )
+    git_sha, _ = git_state()
+    plan = LaunchPlan(
+        run_uri=run_uri,
+        resume_from=resume_from,
+        config_hash=config_hash(saved_config),
+        git_sha=git_sha,
+        launch_time=launch_time,
+    )
+    return plan, notice
+
+
+def newest_resumable_run(root: str, recipe_name: str) -> str | None:
+    """Name of the most recent ``<recipe_name>-*`` run folder with a committed checkpoint."""
+    pattern = re.compile(rf"^{re.escape(recipe_name)}-\d{{8}}-\d{{6}}")
+    names = sorted(
+        (e["name"] for e in storage.list_dir(root) if e["type"] == "directory"),
+        reverse=True,
+    )
+    for name in names:
+        if pattern.match(name) and CheckpointStore(storage.join(root, name)).committed():
+            return name
+    return None
+
+
+_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key)", re.I)
+
+
+def redact_overrides(overrides: Sequence[str]) -> list[str]:
+    """Overrides with the values of secret-looking keys masked, for saving and printing.
+
+    Example:
+        >>> redact_overrides(["storage.secret_key=abc", "seed=1"])
+        ['storage.secret_key=<redacted>', 'seed=1']
+    """
+    out = []
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        out.append(f"{key}=<redacted>" if sep and _SECRET_KEY.search(key) else item)
+    return out
+
+
+def resume_command(overrides: Sequence[str], run_uri: str) -> str:
+    """``python -m forge <same overrides> run_name=<this run> resume=auto``."""
+    keep = [o for o in redact_overrides(overrides) if not o.startswith(("resume=", "run_name="))]
+    name = run_uri.rstrip("/").rsplit("/", 1)[-1]
+    return shlex.join(["python", "-m", "forge", *keep, f"run_name={name}", "resume=auto"])

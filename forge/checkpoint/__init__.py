@@ -1,0 +1,11 @@
+"""The one checkpoint subsystem: every checkpoint byte forge writes or reads goes through here.
+
+* ``storage``   — str URIs on fsspec (local paths, file://, memory://, s3://)
+* ``serialize`` — tensors as safetensors, other state through ``torch.load(weights_only=True)``
+* ``manifest``  — ``manifest.json``: each file's size and sha256; writing it *is* the commit
+* ``store``     — save → commit → move the ``latest`` pointer → retention; find and verify on resume
+"""
+
+from forge.checkpoint.store import CheckpointStore, CommittedCheckpoint
+
+__all__ = ["CheckpointStore", "CommittedCheckpoint"]

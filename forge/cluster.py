@@ -1,0 +1,91 @@
+"""Starting or joining Ray, and checking that the cluster can place the run before it starts."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from forge.config.specs import RaySpec, ScalingSpec
+from forge.errors import ClusterError
+
+
+@contextmanager
+def ray_session(spec: RaySpec, verbose: bool = False) -> Iterator[None]:
+    """Join the cluster at ``ray.address``, or start an embedded one and stop it afterwards.
+
+    If Ray is already initialized in this process (a notebook, a test session, a Ray job), that
+    connection is used as is and left running.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    quiet = not verbose
+    if quiet:
+        # Ray's INFO chatter (dashboard URLs, worker-group events) is not what a user came for.
+        for name in ("ray", "ray.train", "ray.tune", "ray.data"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        # Token auth stays on (it is the safe default); its start-up notice is noise here.
+        logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+    common = {
+        "log_to_driver": verbose,
+        "logging_level": logging.INFO if verbose else logging.WARNING,
+        "configure_logging": verbose,
+    }
+    if spec.address is None:
+        ray.init(
+            num_cpus=spec.num_cpus or os.cpu_count() or 1,
+            include_dashboard=False,
+            **common,
+        )
+    else:
+        try:
+            ray.init(address=spec.address, **common)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ClusterError(
+                f"ray.address={spec.address}: could not connect to a Ray cluster "
+                f"({str(exc).splitlines()[0]}). Start one with `ray start --head`, pass its "
+                "address, or use ray.address=null to run on an embedded local Ray."
+            ) from None
+    try:
+        yield
+    finally:
+        if spec.address is None:
+            ray.shutdown()
+
+
+def check_resources(scaling: ScalingSpec) -> None:
+    """Refuse, before any worker starts, a run the cluster cannot place.
+
+    Counts how many workers fit on the live nodes (each worker must fit on one node), which is
+    what Ray's placement group will need; otherwise Ray would wait forever for resources.
+    """
+    import ray
+
+    per_worker = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        per_worker["GPU"] = scaling.gpus_per_worker
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    total_gpus = sum(n["Resources"].get("GPU", 0) for n in nodes)
+    if scaling.use_gpu and total_gpus == 0:
+        raise ClusterError(
+            "scaling.use_gpu=true, but this Ray cluster has no GPUs. Set scaling.use_gpu=false "
+            "to train on CPU, or connect to a cluster with GPUs (ray.address=...)."
+        )
+    fits = 0
+    for node in nodes:
+        res = node["Resources"]
+        fits += int(min(res.get(k, 0) / v for k, v in per_worker.items()) + 1e-9)
+    if fits < scaling.num_workers:
+        total_cpus = sum(n["Resources"].get("CPU", 0) for n in nodes)
+        need = ", ".join(f"{v:g} {k}" for k, v in per_worker.items())
+        have = f"{total_cpus:g} CPUs" + (f" and {total_gpus:g} GPUs" if scaling.use_gpu else "")
+        raise ClusterError(
+            f"scaling.num_workers={scaling.num_workers} workers with {need} each do not fit: "
+            f"the cluster ({len(nodes)} node(s), {have}) can place {fits}. Lower "
+            f"scaling.num_workers to {max(fits, 1)}, lower scaling.cpus_per_worker"
+            f"{' or scaling.gpus_per_worker' if scaling.use_gpu else ''}, or add nodes."
+        )

@@ -1,0 +1,1 @@
+"""Configuration: Hydra composition (driver only) and the typed specs workers receive."""

@@ -1,0 +1,170 @@
+"""Frozen, typed specs: the validated form of a composed config.
+
+The driver composes the Hydra config once, validates it into a :class:`RunSpec`, and ships that
+to the workers. Nothing past this point reads a DictConfig. Each spec rejects impossible values
+and contradictions itself, naming the keys involved, so errors surface before Ray starts.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class Spec(BaseModel):
+    """Base for specs: immutable, and an unknown key is an error rather than silently ignored."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RecipeSpec(Spec):
+    name: str = Field(description="short name, used in run folder names")
+    module: str = Field(description="import path (recipes.digits) or a .py file of the recipe")
+    kind: Literal["loop", "lightning"] = Field("loop", description="forge loop or Lightning")
+    params: dict[str, Any] = Field(default_factory=dict, description="the recipe's Params")
+
+
+class DataSpec(Spec):
+    batch_size: PositiveInt = Field(64, description="per-worker batch size")
+    loader_workers: NonNegInt = Field(0, description="DataLoader processes per worker")
+    shuffle: bool = True
+    drop_last: bool = True
+    pin_memory: bool = False
+
+
+class OptimSpec(Spec):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    scheduler: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_steps: NonNegInt = 0
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+
+
+class StrategySpec(Spec):
+    name: Literal["ddp"] = Field("ddp", description="distribution strategy")
+    bucket_cap_mb: float = Field(25, gt=0)
+    find_unused_parameters: bool = False
+    gradient_as_bucket_view: bool = True
+
+
+class ScalingSpec(Spec):
+    num_workers: PositiveInt = Field(2, description="training worker processes")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker")
+    gpus_per_worker: float = Field(1, gt=0, description="GPUs per worker when use_gpu=true")
+
+    @property
+    def backend(self) -> str:
+        """torch.distributed backend: NCCL between GPUs, gloo between CPU processes."""
+        return "nccl" if self.use_gpu else "gloo"
+
+
+Precision = Literal["32", "bf16", "fp16"]
+# Lightning's spellings are accepted too, so users can paste what they know.
+_PRECISION_ALIASES = {
+    "32-true": "32",
+    "fp32": "32",
+    "bf16-mixed": "bf16",
+    "16-mixed": "fp16",
+    "16": "fp16",
+}
+
+
+class TrainerSpec(Spec):
+    max_steps: PositiveInt | None = Field(300, description="optimizer steps to train")
+    max_epochs: PositiveInt | None = Field(None, description="passes over the training data")
+    precision: Precision = Field("32", description="32 | bf16 | fp16")
+    accumulate_grad_batches: PositiveInt = 1
+    gradient_clip_val: float | None = Field(None, gt=0)
+    log_every_n_steps: PositiveInt = 10
+    val_every_n_steps: NonNegInt = Field(100, description="0 validates only at the end")
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts; -1 is unlimited")
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _normalize_precision(cls, value: Any) -> Any:
+        # YAML reads `precision: 32` as an int; accept it and Lightning's names.
+        value = str(value)
+        return _PRECISION_ALIASES.get(value, value)
+
+    @model_validator(mode="after")
+    def _needs_a_limit(self) -> TrainerSpec:
+        if self.max_steps is None and self.max_epochs is None:
+            raise ValueError(
+                "trainer.max_steps and trainer.max_epochs are both null, so training would never "
+                "stop. Set one of them, e.g. trainer.max_steps=300"
+            )
+        return self
+
+
+class StorageSpec(Spec):
+    uri: str = Field("runs", description="local path or URI where run folders go")
+
+
+class CheckpointSpec(Spec):
+    every_n_steps: NonNegInt = Field(100, description="0 saves only at the end")
+    keep_last: PositiveInt | None = Field(3, description="committed checkpoints to keep")
+    monitor: str | None = Field(None, description="metric that picks the best checkpoint")
+    mode: Literal["min", "max"] = "min"
+
+
+class RaySpec(Spec):
+    address: str | None = Field(None, description="null (embedded), auto, or an address")
+    num_cpus: PositiveInt | None = Field(None, description="CPUs of the embedded cluster")
+
+
+class RunSpec(Spec):
+    """One training run, fully validated. Built by :func:`forge.config.validate.to_run_spec`."""
+
+    recipe: RecipeSpec
+    data: DataSpec = DataSpec()
+    optim: OptimSpec = OptimSpec()
+    strategy: StrategySpec = StrategySpec()
+    scaling: ScalingSpec = ScalingSpec()
+    trainer: TrainerSpec = TrainerSpec()
+    storage: StorageSpec = StorageSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    ray: RaySpec = RaySpec()
+    seed: int = 0
+    resume: str | None = Field(None, description="null | auto | a checkpoint URI")
+    run_name: str | None = None
+    verbose: bool = False
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunSpec:
+        if self.trainer.precision == "fp16" and not self.scaling.use_gpu:
+            raise ValueError(
+                "trainer.precision=fp16 needs scaling.use_gpu=true: fp16 mixed precision relies "
+                "on CUDA loss scaling. On CPU use trainer.precision=bf16 or trainer.precision=32"
+            )
+        if self.run_name is not None and ("/" in self.run_name or self.run_name in {".", ".."}):
+            raise ValueError(
+                f"run_name={self.run_name!r} must be a single folder name (no '/'); "
+                "use storage.uri to choose where runs go"
+            )
+        return self
+
+
+class LaunchPlan(Spec):
+    """What the driver decided for one launch; everything a worker needs besides the RunSpec.
+
+    Attributes:
+        run_uri: The run folder (absolute path or URI) under ``storage.uri``.
+        resume_from: A committed checkpoint to start from when the run folder has none yet.
+        config_hash: sha256 of the training-relevant config, recorded in manifests.
+        launch_time: ``time.time()`` when ``forge.train`` was called, for time-to-first-step.
+    """
+
+    run_uri: str
+    resume_from: str | None = None
+    config_hash: str
+    git_sha: str | None = None
+    launch_time: float

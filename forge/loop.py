@@ -1,0 +1,344 @@
+"""The forge training loop: one worker's view of a run, in plain PyTorch.
+
+It knows nothing about Ray: :mod:`forge.worker` hands it a :class:`WorkerContext` (rank, device,
+collectives, where to send progress). That keeps it testable in one process.
+
+Order of a step: forward/backward for ``accumulate_grad_batches`` micro-batches (gradient sync
+only on the last), clip, optimizer step, schedule step; then, by step count: log, validate,
+checkpoint. Checkpoints record the exact data position, so a resumed run replays the batches
+it would have seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from forge.checkpoint.serialize import bytes_to_tensors, tensors_to_bytes
+from forge.checkpoint.store import CheckpointStore, CommittedCheckpoint, open_checkpoint
+from forge.config.specs import LaunchPlan, RunSpec
+from forge.errors import ConfigError
+from forge.loader import batch_len, eval_batches, to_device, train_loader
+from forge.optim import make_optimizer, make_scheduler
+from forge.recipe import Recipe, build_params, import_recipe_module
+from forge.strategies import make_strategy
+
+log = logging.getLogger(__name__)
+
+WARMUP_STEPS_FOR_TIMING = 10  # the first steps pay for allocator warm-up and lazy init
+
+
+@dataclass
+class WorkerContext:
+    """What the loop needs from the process group around it.
+
+    Attributes:
+        rank, local_rank, world_size: This worker's place in the group.
+        device: Where the model and batches go.
+        all_reduce_sum: Sums a float tensor across workers in place.
+        gather: Gathers one picklable object onto rank 0 (list there, None elsewhere); it is
+            also a barrier.
+        on_progress: Called on rank 0 with progress events for the driver's console.
+        report: Called on every rank with metrics for Ray (end of run, validations).
+    """
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    all_reduce_sum: Callable[[torch.Tensor], None] = lambda t: None
+    gather: Callable[[Any], list[Any] | None] = lambda obj: [obj]
+    on_progress: Callable[[dict[str, Any]], None] = lambda event: None
+    report: Callable[[dict[str, Any]], None] = lambda metrics: None
+
+
+@dataclass
+class LoopState:
+    """Where training is; saved in every checkpoint's manifest."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed (per worker)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Mixed-precision context for the forward pass; a no-op for full precision."""
+    if precision == "32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def build_recipe(spec: RunSpec) -> Recipe:
+    mod = import_recipe_module(spec.recipe.module)
+    recipe = mod.build(build_params(mod, spec.recipe.params))
+    if not isinstance(recipe, Recipe):
+        raise ConfigError(
+            f"{spec.recipe.module}.build() returned {type(recipe).__name__}, not forge.Recipe."
+        )
+    return recipe
+
+
+def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, Any]:
+    """Train ``spec`` on this worker; returns rank 0's summary (metrics, step, checkpoints)."""
+    trainer = spec.trainer
+    is_main = ctx.rank == 0
+    # Same seed everywhere before building: identical init and data splits on every worker.
+    seed_everything(spec.seed)
+    recipe = build_recipe(spec)
+    strategy = make_strategy(spec.strategy, ctx.rank, ctx.world_size, ctx.device)
+    model, optimizer = strategy.setup(
+        recipe.model, lambda params: make_optimizer(spec.optim, params)
+    )
+    loader, sampler = train_loader(
+        recipe.train_data, spec.data, ctx.rank, ctx.world_size, spec.seed, recipe.collate_fn
+    )
+    micro_per_epoch = len(loader)
+    steps_per_epoch = micro_per_epoch // trainer.accumulate_grad_batches
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} is more than the "
+            f"{micro_per_epoch} batches per epoch on each worker. Lower it or data.batch_size."
+        )
+    total_steps = min(
+        trainer.max_steps or math.inf,
+        (trainer.max_epochs or math.inf) * steps_per_epoch,
+    )
+    total_steps = int(total_steps)
+    scheduler = make_scheduler(spec.optim, optimizer, total_steps)
+    # Dropout etc. differ per worker; restored exactly from checkpoints on resume.
+    torch.manual_seed(spec.seed + 1 + ctx.rank)
+
+    store = CheckpointStore(
+        plan.run_uri, spec.checkpoint.keep_last, spec.checkpoint.monitor, spec.checkpoint.mode
+    )
+    state = LoopState()
+    # The run's own newest checkpoint wins (a restart after a failure); else resume_from.
+    ckpt = store.latest() or (open_checkpoint(plan.resume_from) if plan.resume_from else None)
+    if ckpt is not None:
+        state = restore(ckpt, strategy, model, optimizer, scheduler, ctx.rank)
+        if is_main:
+            ctx.on_progress({"event": "resumed", "step": state.step, "uri": ckpt.uri})
+
+    metrics_writer = None
+    if is_main:
+        from forge.checkpoint import storage
+        from forge.metrics import MetricsWriter
+
+        # Local storage: straight into the run folder. Remote storage arrives with streaming.
+        metrics_writer = MetricsWriter(storage.normalize(plan.run_uri))
+    ctx.on_progress({"event": "start", "total_steps": total_steps, "step": state.step})
+
+    def evaluate() -> dict[str, float]:
+        if recipe.val_data is None:
+            return {}
+        return run_eval(recipe, model, spec, ctx)
+
+    def save(metrics: dict[str, float]) -> CommittedCheckpoint | None:
+        files = strategy.checkpoint_files(model, optimizer)
+        files[f"rank{ctx.rank}.safetensors"] = tensors_to_bytes(rng_state())
+        files_sched = {"scheduler_last_epoch": scheduler.last_epoch}
+        committed = store.save(
+            state.step,
+            files,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            gather=ctx.gather,
+            strategy=strategy.name,
+            metrics=metrics,
+            state={**asdict(state), **files_sched},
+            config_hash=plan.config_hash,
+            git_sha=plan.git_sha,
+        )
+        if committed is not None:
+            ctx.on_progress({"event": "checkpoint", "step": state.step, "uri": committed.uri})
+        return committed
+
+    step_times: list[float] = []
+    loss_sum = torch.zeros(2, device=ctx.device)  # (sum of losses, count) since the last log
+    last_val: dict[str, float] = {}
+    last_ckpt_step = state.step if ckpt is not None else -1
+    first_step_at: float | None = None
+    tick = time.perf_counter()
+    model.train()
+
+    while state.step < total_steps:
+        sampler.set_epoch(state.epoch, skip=state.batch_in_epoch * spec.data.batch_size)
+        micro = 0
+        for batch in loader:
+            micro += 1
+            state.batch_in_epoch += 1
+            sync_now = micro % trainer.accumulate_grad_batches == 0
+            batch = to_device(batch, ctx.device)
+            with contextlib.nullcontext() if sync_now else strategy.no_sync(model):
+                with autocast(trainer.precision, ctx.device):
+                    loss = recipe.loss_fn(model, batch)
+                (loss / trainer.accumulate_grad_batches).backward()
+            loss_sum[0] += loss.detach().float()
+            loss_sum[1] += 1
+            if not sync_now:
+                continue
+            if trainer.gradient_clip_val is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), trainer.gradient_clip_val)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state.step += 1
+
+            now = time.perf_counter()
+            step_times.append(now - tick)
+            tick = now
+            if first_step_at is None:
+                first_step_at = time.time()
+
+            if state.step % trainer.log_every_n_steps == 0 or state.step == total_steps:
+                ctx.all_reduce_sum(loss_sum)
+                row = {
+                    "train/loss": (loss_sum[0] / loss_sum[1]).item(),
+                    "lr": scheduler.get_last_lr()[0],
+                    "epoch": state.epoch,
+                }
+                recent = step_times[-trainer.log_every_n_steps :]
+                step_s = sum(recent) / len(recent)
+                samples = spec.data.batch_size * trainer.accumulate_grad_batches * ctx.world_size
+                row["throughput/samples_per_s"] = samples / step_s
+                if recipe.tokens_per_sample:
+                    row["throughput/tokens_per_s"] = samples * recipe.tokens_per_sample / step_s
+                loss_sum.zero_()
+                if metrics_writer is not None:
+                    metrics_writer.log(state.step, row)
+                ctx.on_progress({"event": "log", "step": state.step, **row})
+
+            if trainer.val_every_n_steps and state.step % trainer.val_every_n_steps == 0:
+                last_val = evaluate()
+                if last_val and metrics_writer is not None:
+                    metrics_writer.log(state.step, last_val)
+                    ctx.on_progress({"event": "val", "step": state.step, **last_val})
+            every = spec.checkpoint.every_n_steps
+            if every and state.step % every == 0 and state.step < total_steps:
+                save(last_val)
+                last_ckpt_step = state.step
+            if state.step >= total_steps:
+                break
+        else:  # the epoch ran out before total_steps
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            continue
+        break
+
+    validated_now = bool(trainer.val_every_n_steps) and state.step % trainer.val_every_n_steps == 0
+    final_val = last_val if validated_now and last_val else evaluate()
+    if final_val and metrics_writer is not None and not validated_now:
+        metrics_writer.log(state.step, final_val)
+        ctx.on_progress({"event": "val", "step": state.step, **final_val})
+    last = save(final_val) if last_ckpt_step != state.step else store.latest(verify=False)
+    if metrics_writer is not None:
+        metrics_writer.close()
+
+    timed = step_times[WARMUP_STEPS_FOR_TIMING:] or step_times
+    summary: dict[str, Any] = {
+        **final_val,
+        "step": state.step,
+        "epoch": state.epoch,
+        "step_time_s": statistics.median(timed) if timed else None,
+        "time_to_first_step_s": (first_step_at - plan.launch_time) if first_step_at else None,
+        "last_checkpoint": last.uri if last is not None else None,
+    }
+    if is_main:
+        best = store.best()
+        summary["best_checkpoint"] = best.uri if best is not None else None
+    return summary
+
+
+def run_eval(
+    recipe: Recipe, model: nn.Module, spec: RunSpec, ctx: WorkerContext
+) -> dict[str, float]:
+    """Average each metric over the whole validation set and all workers.
+
+    ``eval_fn`` returns per-example values (or per-token: any whole multiple of the batch size);
+    values of padded examples are dropped, so the average is exact for any worker count.
+    """
+    eval_fn = recipe.eval_fn or (lambda m, b: {"loss": recipe.loss_fn(m, b)})
+    totals: dict[str, torch.Tensor] = {}  # name -> (sum, count)
+    model.eval()
+    with torch.no_grad():
+        for batch, n_valid in eval_batches(
+            recipe.val_data, spec.data.batch_size, ctx.rank, ctx.world_size, recipe.collate_fn
+        ):
+            batch_size = batch_len(batch)
+            batch = to_device(batch, ctx.device)
+            with autocast(spec.trainer.precision, ctx.device):
+                values = eval_fn(model, batch)
+            for name, value in values.items():
+                value = value.detach().double().reshape(-1)
+                if len(value) % batch_size == 0:
+                    kept = value[: n_valid * (len(value) // batch_size)]
+                    pair = torch.stack(
+                        [
+                            kept.sum(),
+                            torch.tensor(float(len(kept)), dtype=torch.float64, device=kept.device),
+                        ]
+                    )
+                else:  # a batch mean: weight it by the real examples in the batch
+                    pair = torch.stack(
+                        [
+                            value.mean() * n_valid,
+                            torch.tensor(float(n_valid), dtype=torch.float64, device=value.device),
+                        ]
+                    )
+                totals[name] = totals.get(name, torch.zeros_like(pair)) + pair
+    model.train()
+    names = sorted(totals)
+    if not names:
+        return {}
+    packed = torch.stack([totals[n] for n in names])
+    ctx.all_reduce_sum(packed)
+    return {f"val/{n}": (packed[i, 0] / packed[i, 1]).item() for i, n in enumerate(names)}
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore(
+    ckpt: CommittedCheckpoint,
+    strategy: Any,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rank: int,
+) -> LoopState:
+    """Load model/optimizer through the strategy, then schedule, RNG and data position."""
+    strategy.load_checkpoint(model, optimizer, ckpt)
+    saved = dict(ckpt.manifest.state)
+    scheduler.last_epoch = saved.pop("scheduler_last_epoch", ckpt.step)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    rng_file = f"rank{rank}.safetensors"
+    if rng_file in ckpt.manifest.files:  # absent when resuming on more workers than saved
+        rng = bytes_to_tensors(ckpt.read(rng_file))
+        torch.set_rng_state(rng["torch_cpu"])
+        if "torch_cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["torch_cuda"])
+    return LoopState(**{k: saved[k] for k in ("step", "epoch", "batch_in_epoch") if k in saved})

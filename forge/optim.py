@@ -1,0 +1,58 @@
+"""Optimizer and learning-rate schedule from an :class:`OptimSpec`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from forge.config.specs import OptimSpec
+
+
+def make_optimizer(spec: OptimSpec, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """Build the optimizer named by ``optim.name``.
+
+    Example:
+        >>> opt = make_optimizer(OptimSpec(name="sgd", lr=0.1), torch.nn.Linear(2, 1).parameters())
+        >>> type(opt).__name__
+        'SGD'
+    """
+    params = list(params)
+    if spec.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+        )
+    cls = torch.optim.AdamW if spec.name == "adamw" else torch.optim.Adam
+    # The fused kernel is the fast path on CUDA; on CPU the default (foreach) is best.
+    fused = all(p.is_cuda for p in params) and bool(params)
+    return cls(
+        params,
+        lr=spec.lr,
+        betas=spec.betas,
+        eps=spec.eps,
+        weight_decay=spec.weight_decay,
+        fused=fused or None,
+    )
+
+
+def make_scheduler(
+    spec: OptimSpec, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then constant, cosine or linear decay to ``lr * min_lr_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < spec.warmup_steps:
+            return (step + 1) / spec.warmup_steps
+        if spec.scheduler == "constant":
+            return 1.0
+        span = max(1, total_steps - spec.warmup_steps)
+        progress = min(1.0, (step - spec.warmup_steps) / span)
+        if spec.scheduler == "cosine":
+            decay = 0.5 * (1 + math.cos(math.pi * progress))
+        else:
+            decay = 1 - progress
+        return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * decay
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

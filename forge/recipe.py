@@ -1,0 +1,161 @@
+"""What a recipe is, and how forge finds one.
+
+A *recipe* is a Python module (shipped ones live in the top-level ``recipes/`` package) that
+tells forge what to train. forge owns everything around it: distribution, precision, the
+optimizer, checkpoints, logging. Two kinds are first-class:
+
+* **forge loop** (``kind: loop``): the module defines ``Params`` (a dataclass of its knobs) and
+  ``build(params) -> forge.Recipe``. forge's own training loop runs it under any strategy.
+* **Lightning** (``kind: lightning``): the module defines ``Params`` and
+  ``build_lightning(params) -> (LightningModule, LightningDataModule | None)``; an existing
+  LightningModule is brought unchanged and run by Lightning under Ray's Lightning strategies.
+
+Modules are found by import path (``recipe.module=recipes.digits``) or by file
+(``recipe.module=/abs/path/my_recipe.py``); a file is shipped to remote Ray nodes by the launcher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from forge.errors import ConfigError
+
+# Batches are whatever the dataset's collate returns (a tuple of tensors, a dict...).
+Batch = Any
+
+
+@dataclass
+class Recipe:
+    """Everything the forge loop needs to train one model.
+
+    Attributes:
+        model: The module to train, built on CPU; forge moves and wraps it.
+        train_data: A map-style dataset; forge shards it across workers.
+        loss_fn: ``(model, batch) -> scalar loss`` for one training batch (already on device).
+        val_data: Optional held-out dataset, evaluated every ``trainer.val_every_n_steps``.
+        eval_fn: ``(model, batch) -> {name: per-example values}``; forge averages each over the
+            whole validation set and all workers and logs it as ``val/<name>``. Defaults to the
+            per-batch loss.
+        collate_fn: Optional ``DataLoader`` collate function.
+        tokens_per_sample: For sequence models: tokens in one sample, so forge logs tokens/s.
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> data = TensorDataset(torch.randn(8, 3), torch.randn(8, 1))
+        >>> model = torch.nn.Linear(3, 1)
+        >>> recipe = Recipe(
+        ...     model=model,
+        ...     train_data=data,
+        ...     loss_fn=lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]),
+        ... )
+        >>> float(recipe.loss_fn(model, data[:4])) >= 0
+        True
+    """
+
+    model: Any
+    train_data: Any
+    loss_fn: Callable[[Any, Batch], Any]
+    val_data: Any = None
+    eval_fn: Callable[[Any, Batch], Mapping[str, Any]] | None = None
+    collate_fn: Callable[[list[Any]], Batch] | None = None
+    tokens_per_sample: int | None = None
+
+
+def import_recipe_module(module: str) -> ModuleType:
+    """Import a recipe by dotted module path or by ``.py`` file path.
+
+    Args:
+        module: ``"recipes.digits"`` or ``"/path/to/my_recipe.py"``.
+
+    Returns:
+        The imported module.
+
+    Raises:
+        ConfigError: The module cannot be found or fails to import.
+
+    Example:
+        >>> import_recipe_module("recipes.digits").__name__
+        'recipes.digits'
+    """
+    if module.endswith(".py"):
+        path = Path(module).expanduser().resolve()
+        if not path.is_file():
+            raise ConfigError(
+                f"recipe.module={module!r}: no such file. Give an existing .py file or an "
+                "importable module path such as recipes.digits."
+            )
+        name = f"forge_user_recipe_{path.stem}"
+        if name in sys.modules:
+            return sys.modules[name]
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        return mod
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and module.startswith(exc.name):
+            raise ConfigError(
+                f"recipe.module={module!r} cannot be imported ({exc}). Use one of the shipped "
+                "recipes (python -m forge --help lists them), an importable module path, or a "
+                "path to a .py file."
+            ) from None
+        raise
+
+
+def params_class(mod: ModuleType) -> type | None:
+    """The recipe's ``Params`` dataclass, or None when it takes no parameters."""
+    cls = getattr(mod, "Params", None)
+    if cls is not None and not dataclasses.is_dataclass(cls):
+        raise ConfigError(f"{mod.__name__}.Params must be a dataclass.")
+    return cls
+
+
+def build_params(mod: ModuleType, values: Mapping[str, Any]) -> Any:
+    """Validate ``recipe.params`` against the module's ``Params`` dataclass.
+
+    Unknown keys and wrong types raise :class:`ConfigError` naming ``recipe.params.<key>``.
+
+    Example:
+        >>> build_params(import_recipe_module("recipes.digits"), {"channels": 8}).channels
+        8
+    """
+    from pydantic import TypeAdapter, ValidationError
+
+    from forge.errors import did_you_mean
+
+    cls = params_class(mod)
+    if cls is None:
+        if values:
+            raise ConfigError(
+                f"recipe.params: {mod.__name__} takes no parameters (it defines no Params "
+                f"dataclass) but got {sorted(values)}. Remove them."
+            )
+        return None
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(
+                f"recipe.params.{key}: unknown parameter for {mod.__name__}."
+                f"{did_you_mean(key, known)} Known parameters: {', '.join(sorted(known))}."
+            )
+    try:
+        return TypeAdapter(cls).validate_python(dict(values))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(
+            f"recipe.params.{loc}: {err['msg']} (got {err.get('input')!r}). "
+            f"Fix the value in the recipe config or the override."
+        ) from None

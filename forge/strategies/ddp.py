@@ -1,0 +1,77 @@
+"""DDP: every worker holds the whole model; gradients are all-reduced in buckets.
+
+Checkpoints: rank 0 writes the (identical) model and optimizer state once; every rank can read
+them back, so a DDP checkpoint resumes on any number of workers.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from forge.checkpoint.serialize import (
+    bytes_to_object,
+    bytes_to_tensors,
+    object_to_bytes,
+    tensors_to_bytes,
+)
+from forge.checkpoint.store import CommittedCheckpoint
+from forge.config.specs import StrategySpec
+from forge.strategies import OptimizerFactory
+
+MODEL_FILE = "model.safetensors"
+OPTIM_FILE = "optim.pt"
+
+
+class DDPStrategy:
+    name = "ddp"
+
+    def __init__(
+        self, spec: StrategySpec, rank: int, world_size: int, device: torch.device
+    ) -> None:
+        self.spec = spec
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+
+    def setup(
+        self, model: nn.Module, make_optimizer: OptimizerFactory
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = model.to(self.device)
+        if self.world_size > 1 and dist.is_initialized():
+            model = DistributedDataParallel(
+                model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                bucket_cap_mb=self.spec.bucket_cap_mb,
+                find_unused_parameters=self.spec.find_unused_parameters,
+                gradient_as_bucket_view=self.spec.gradient_as_bucket_view,
+            )
+        return model, make_optimizer(model.parameters())
+
+    def no_sync(self, model: nn.Module) -> AbstractContextManager[None]:
+        return model.no_sync() if isinstance(model, DistributedDataParallel) else nullcontext()
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model.module if isinstance(model, DistributedDataParallel) else model
+
+    def checkpoint_files(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> dict[str, bytes]:
+        if self.rank != 0:  # replicas are identical: one copy is enough
+            return {}
+        return {
+            MODEL_FILE: tensors_to_bytes(self.unwrap(model).state_dict()),
+            OPTIM_FILE: object_to_bytes(optimizer.state_dict()),
+        }
+
+    def load_checkpoint(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: CommittedCheckpoint
+    ) -> None:
+        state = bytes_to_tensors(ckpt.read(MODEL_FILE))
+        self.unwrap(model).load_state_dict(state)
+        if OPTIM_FILE in ckpt.manifest.files:
+            optimizer.load_state_dict(bytes_to_object(ckpt.read(OPTIM_FILE), OPTIM_FILE))

@@ -1,0 +1,87 @@
+"""The function every Ray Train worker runs: Ray's context in, a :class:`WorkerContext` out.
+
+This is the only place a worker touches Ray (rank, device, report). Training itself happens in
+:mod:`forge.loop` (plain PyTorch) or :mod:`forge.lightning_runner` (Lightning).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from forge.config.specs import LaunchPlan, RunSpec
+from forge.loop import WorkerContext
+
+
+class _ForwardWarnings(logging.Handler):
+    """Sends forge's warnings on rank 0 to the driver's console (worker stdout is hidden)."""
+
+    def __init__(self, send: Any) -> None:
+        super().__init__(logging.WARNING)
+        self.send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.send({"event": "warning", "message": record.getMessage()})
+
+
+def train_fn(config: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker`` for every forge run."""
+    import ray.train
+    import ray.train.torch
+
+    spec: RunSpec = config["spec"]
+    plan: LaunchPlan = config["plan"]
+    queue = config.get("progress")
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    distributed = world_size > 1 and dist.is_initialized()
+
+    def send(event: dict[str, Any]) -> None:
+        if queue is not None and rank == 0:
+            try:
+                queue.put_nowait(event)
+            except Exception:  # a full or closed queue must never stop training
+                pass
+
+    def all_reduce_sum(tensor: torch.Tensor) -> None:
+        if distributed:
+            dist.all_reduce(tensor)
+
+    def gather(obj: Any) -> list[Any] | None:
+        if not distributed:
+            return [obj]
+        out: list[Any] | None = [None] * world_size if rank == 0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    ctx = WorkerContext(
+        rank=rank,
+        local_rank=context.get_local_rank(),
+        world_size=world_size,
+        device=ray.train.torch.get_device(),
+        all_reduce_sum=all_reduce_sum,
+        gather=gather,
+        on_progress=send,
+    )
+    if ctx.device.type == "cuda":
+        torch.cuda.set_device(ctx.device)
+    else:
+        # One intra-op thread per reserved CPU: torch's default (all cores) in every worker
+        # oversubscribes the machine and makes CPU steps 10x slower under contention.
+        torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
+    forge_log = logging.getLogger("forge")
+    forge_log.addHandler(_ForwardWarnings(send))
+    if spec.recipe.kind == "lightning":
+        from forge.lightning_runner import run_lightning
+
+        summary = run_lightning(spec, plan, ctx)
+    else:
+        from forge.loop import run_loop
+
+        summary = run_loop(spec, plan, ctx)
+    # The summary travels on the progress channel: Ray Train V2 keeps metrics only with
+    # checkpoints it uploads itself, and forge's checkpoints never go through Ray.
+    send({"event": "summary", **summary})

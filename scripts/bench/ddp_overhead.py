@@ -1,0 +1,209 @@
+"""Benchmark forge's training-loop overhead against a plain Ray ``TorchTrainer`` loop.
+
+Both sides train the ``digits`` recipe's CNN with DDP over gloo on 2 CPU workers, AdamW at
+lr 1e-3, the same per-worker batch size and the same number of steps, on one local Ray cluster
+that this script starts once. On rank 0 each side measures:
+
+* **per-step time**: median wall time between consecutive optimizer steps (so data loading and
+  loop bookkeeping count), ignoring the first 20 steps as warm-up;
+* **time to first step**: from just before the run is launched (``TorchTrainer`` construction
+  for the baseline, the ``forge.train`` call for forge) to the end of the first optimizer step.
+
+Target: forge per-step time <= 1.05x the baseline's. Time to first step is reported, not gated.
+The two runs alternate order each round (``--repeats``) and the median over rounds is shown.
+
+Run it (from any directory; it finds ``forge`` and ``recipes`` itself)::
+
+    python scripts/bench/ddp_overhead.py --steps 300
+    python scripts/bench/ddp_overhead.py --only baseline --steps 100   # plain Ray only
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WARMUP_STEPS = 20
+TARGET_RATIO = 1.05
+
+
+def baseline_loop(config: dict) -> None:
+    """A plain Ray Train loop, written the way Ray's docs show it."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from recipes.digits import DigitsCNN, Params, load_digits_tensors
+
+    params = Params()
+    train_data, _ = load_digits_tensors(params.val_fraction, params.split_seed)
+    ctx = ray.train.get_context()
+    sampler = DistributedSampler(
+        train_data, num_replicas=ctx.get_world_size(), rank=ctx.get_world_rank(), shuffle=True
+    )
+    loader = DataLoader(
+        train_data, batch_size=config["batch_size"], sampler=sampler, drop_last=True
+    )
+    model = ray.train.torch.prepare_model(DigitsCNN(params.channels, params.dropout))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    step, epoch, step_ends = 0, 0, []
+    while step < config["steps"]:
+        sampler.set_epoch(epoch)
+        for images, labels in loader:
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step_ends.append(time.perf_counter())
+            if step == 0:
+                first_step_at = time.time()  # wall clock: comparable with the driver's t0
+            step += 1
+            if step >= config["steps"]:
+                break
+        epoch += 1
+
+    deltas = [b - a for a, b in itertools.pairwise(step_ends)][WARMUP_STEPS - 1 :]
+    metrics = {
+        "step_time_s": statistics.median(deltas),
+        "time_to_first_step_s": first_step_at - config["t0"],
+    }
+    # Train V2's `result.metrics` are those reported with the latest checkpoint (rank 0's), so
+    # rank 0 attaches a one-file checkpoint; the other ranks report metrics only.
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if ctx.get_world_rank() == 0:
+            Path(tmp, "metrics.json").write_text(json.dumps(metrics))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def run_baseline(steps: int, batch_size: int, storage: str, name: str) -> dict[str, float]:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t0 = time.time()  # just before the trainer exists; the loop measures its first step from here
+    trainer = TorchTrainer(
+        baseline_loop,
+        train_loop_config={"steps": steps, "batch_size": batch_size, "t0": t0},
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+        run_config=RunConfig(name=name, storage_path=storage),
+    )
+    metrics = trainer.fit().metrics
+    return {k: metrics[k] for k in ("step_time_s", "time_to_first_step_s")}
+
+
+def run_forge(steps: int, batch_size: int, address: str, storage: str) -> dict[str, float]:
+    import forge
+
+    result = forge.train(
+        [
+            "experiment=digits",
+            f"trainer.max_steps={steps}",
+            f"data.batch_size={batch_size}",
+            "checkpoint.every_n_steps=0",
+            "trainer.val_every_n_steps=0",
+            f"ray.address={address}",
+            f"storage.uri={storage}/forge",  # run folders go to the bench's temp dir, not ./runs
+        ]
+    )
+    timings = {
+        "step_time_s": result.step_time_s,
+        "time_to_first_step_s": result.time_to_first_step_s,
+    }
+    if None in timings.values():
+        raise SystemExit(f"forge.train returned no timings: {timings}")
+    return timings
+
+
+def print_table(results: dict[str, list[dict[str, float]]], repeats: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    med = {
+        side: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        for side, runs in results.items()
+    }
+    print(f"\nDDP overhead, median of {repeats} round(s):")
+    table = Table()
+    table.add_column("metric")
+    for side in med:
+        table.add_column(side, justify="right")
+    both = len(med) == 2
+    if both:
+        table.add_column("forge / baseline", justify="right")
+    for key, label, scale, unit in [
+        ("step_time_s", "per-step", 1e3, "ms"),
+        ("time_to_first_step_s", "time to first step", 1, "s"),
+    ]:
+        row = [label] + [f"{m[key] * scale:.2f} {unit}" for m in med.values()]
+        if both:
+            ratio = med["forge"][key] / med["baseline"][key]
+            ok = "" if key != "step_time_s" else (" ok" if ratio <= TARGET_RATIO else " OVER")
+            row.append(f"{ratio:.3f}{ok}")
+        table.add_row(*row)
+    Console().print(table)
+    if both:
+        print(f"target: forge per-step <= {TARGET_RATIO:.2f}x baseline")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=64, help="per worker")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds, alternating order")
+    parser.add_argument("--only", choices=["both", "baseline", "forge"], default="both")
+    args = parser.parse_args()
+    if args.steps <= WARMUP_STEPS + 1:
+        parser.error(f"--steps must exceed the {WARMUP_STEPS} warm-up steps")
+    print("command:", shlex.join(sys.orig_argv), flush=True)
+
+    # `forge` and `recipes` must import here and in every Ray worker, whatever the cwd: the local
+    # cluster's processes inherit this environment.
+    sys.path.insert(0, str(REPO_ROOT))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])
+    )
+    import ray
+
+    started = time.perf_counter()
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
+    )
+    address = ray.get_runtime_context().gcs_address
+    print(f"ray cluster {address} up in {time.perf_counter() - started:.1f}s", flush=True)
+
+    sides = ["baseline", "forge"] if args.only == "both" else [args.only]
+    results: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
+    with tempfile.TemporaryDirectory(prefix="forge-bench-") as storage:
+        for rnd in range(args.repeats):
+            for side in sides if rnd % 2 == 0 else sides[::-1]:
+                if side == "baseline":
+                    res = run_baseline(args.steps, args.batch_size, storage, f"baseline-{rnd}")
+                else:
+                    res = run_forge(args.steps, args.batch_size, address, storage)
+                results[side].append(res)
+                print(
+                    f"round {rnd + 1}/{args.repeats} {side}: "
+                    f"{res['step_time_s'] * 1e3:.2f} ms/step, "
+                    f"first step after {res['time_to_first_step_s']:.2f}s",
+                    flush=True,
+                )
+    ray.shutdown()
+    print_table(results, args.repeats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
