@@ -163,7 +163,9 @@ def plan_run(
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(launch_time))
         run_name = f"{spec.recipe.name}-{stamp}"
     run_uri = storage.join(root, run_name)
-    if spec.resume is None and CheckpointStore(run_uri).committed():
+    if spec.resume != "auto" and CheckpointStore(run_uri).committed():
+        # A fresh run, or one seeded from resume=<uri>, must not mix with another run's
+        # checkpoints (the newer of those would win on restart).
         raise ConfigError(
             f"run folder {run_uri} already has checkpoints. Continue it with resume=auto "
             f"run_name={run_name}, or start a new run with another run_name."

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from forge.config.specs import DataSpec
+from forge.errors import ConfigError
 
 
 class ShardedSampler(Sampler[int]):
@@ -59,7 +60,7 @@ def train_loader(
     """The training DataLoader for this rank and its sampler (to set epoch and skip)."""
     size = len(dataset)  # type: ignore[arg-type]
     if size // world_size < spec.batch_size and spec.drop_last:
-        raise ValueError(
+        raise ConfigError(
             f"the training set has {size} samples: {size // world_size} per worker, fewer than "
             f"data.batch_size={spec.batch_size}, so no full batch exists. Lower data.batch_size "
             "or scaling.num_workers."
@@ -74,6 +75,9 @@ def train_loader(
         pin_memory=spec.pin_memory,
         collate_fn=collate_fn,
         persistent_workers=spec.loader_workers > 0,
+        # Its own generator: creating an iterator must not draw from the global RNG, or a
+        # resumed run's dropout masks would drift from the uninterrupted run's.
+        generator=torch.Generator().manual_seed(seed),
     )
     return loader, sampler
 

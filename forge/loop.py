@@ -12,6 +12,7 @@ it would have seen.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import statistics
@@ -34,7 +35,7 @@ from forge.strategies import make_strategy
 
 log = logging.getLogger(__name__)
 
-WARMUP_STEPS_FOR_TIMING = 10  # the first steps pay for allocator warm-up and lazy init
+WARMUP_STEPS_FOR_TIMING = 20  # the first steps pay for allocator warm-up and lazy init
 
 
 @dataclass
@@ -181,11 +182,17 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
     tick = time.perf_counter()
     model.train()
 
+    # Micro-batches at an epoch's end that cannot fill a whole accumulation group are skipped,
+    # so every optimizer step sees exactly accumulate_grad_batches of them.
+    usable = steps_per_epoch * trainer.accumulate_grad_batches
     while state.step < total_steps:
+        if state.batch_in_epoch >= usable:
+            state.epoch += 1
+            state.batch_in_epoch = 0
         sampler.set_epoch(state.epoch, skip=state.batch_in_epoch * spec.data.batch_size)
-        micro = 0
-        for batch in loader:
-            micro += 1
+        for micro, batch in enumerate(
+            itertools.islice(loader, usable - state.batch_in_epoch), start=1
+        ):
             state.batch_in_epoch += 1
             sync_now = micro % trainer.accumulate_grad_batches == 0
             batch = to_device(batch, ctx.device)
@@ -239,11 +246,6 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
                 last_ckpt_step = state.step
             if state.step >= total_steps:
                 break
-        else:  # the epoch ran out before total_steps
-            state.epoch += 1
-            state.batch_in_epoch = 0
-            continue
-        break
 
     validated_now = bool(trainer.val_every_n_steps) and state.step % trainer.val_every_n_steps == 0
     final_val = last_val if validated_now and last_val else evaluate()

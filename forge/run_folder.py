@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import re
 import subprocess
@@ -23,31 +24,39 @@ from omegaconf import DictConfig, OmegaConf
 from forge.checkpoint import storage
 
 _ENV_INTERPOLATION = re.compile(r"\$\{oc\.env:([^,}]+)")
-REDACTED = "<redacted: from env {}>"
+REDACTED = "<redacted: from env>"
 
 
 def redacted_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config, with every value that came from ``${oc.env:...}`` replaced.
 
-    Secrets belong in the environment; they never reach a saved config or a log.
+    Secrets belong in the environment; they never reach a saved config or a log. A value that
+    embeds an environment value indirectly (``url: https://u:${token}@host``) is hidden too.
 
     Example:
-        >>> cfg = OmegaConf.create({"key": "${oc.env:HOME}", "lr": 0.1})
+        >>> import os; os.environ["FORGE_DOC_TOKEN"] = "s3cr3t-value"
+        >>> cfg = OmegaConf.create({"token": "${oc.env:FORGE_DOC_TOKEN}", "url": "x:${token}", "lr": 0.1})
         >>> redacted_config(cfg)
-        {'key': '<redacted: from env HOME>', 'lr': 0.1}
+        {'token': '<redacted: from env FORGE_DOC_TOKEN>', 'url': '<redacted: from env>', 'lr': 0.1}
     """
     raw = OmegaConf.to_container(cfg, resolve=False)
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    env_names = set(_ENV_INTERPOLATION.findall(json.dumps(raw)))
+    # Short values ("1", "us") would match everywhere and say nothing secret.
+    secrets = [v for n in env_names if len(v := os.environ.get(n.strip(), "")) >= 4]
 
     def walk(raw_node: Any, node: Any) -> Any:
-        if isinstance(raw_node, dict) and isinstance(node, dict):
-            return {k: walk(raw_node.get(k), v) for k, v in node.items()}
-        if isinstance(raw_node, list) and isinstance(node, list):
-            return [walk(r, v) for r, v in zip(raw_node, node)]
-        if isinstance(raw_node, str):
-            names = _ENV_INTERPOLATION.findall(raw_node)
-            if names:
-                return REDACTED.format(",".join(n.strip() for n in names))
+        if isinstance(node, dict):
+            raw_dict = raw_node if isinstance(raw_node, dict) else {}
+            return {k: walk(raw_dict.get(k), v) for k, v in node.items()}
+        if isinstance(node, list):
+            raw_list = raw_node if isinstance(raw_node, list) else [None] * len(node)
+            return [walk(r, v) for r, v in zip(raw_list, node, strict=False)]
+        names = _ENV_INTERPOLATION.findall(raw_node) if isinstance(raw_node, str) else []
+        if names:
+            return f"{REDACTED[:-1]} {','.join(n.strip() for n in names)}>"
+        if isinstance(node, str) and any(s in node for s in secrets):
+            return REDACTED
         return node
 
     out = walk(raw, resolved)

@@ -63,7 +63,8 @@ def explain_hydra_error(
     unknown = re.search(r"Could not (?:override|append to|delete from) '([^']+)'", text)
     if unknown and "Could not override" in text or (unknown and "Could not append" in text):
         key = unknown.group(1)
-        return ConfigError(_unknown_key_message(key, config_dir))
+        others = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != key]
+        return ConfigError(_unknown_key_message(key, others, config_dir))
     gone = re.search(r"Could not delete from config. '([^']+)' does not exist", text)
     if gone:
         return ConfigError(f"~{gone.group(1)}: there is no such key to remove.")
@@ -85,10 +86,10 @@ def explain_hydra_error(
     return ConfigError(f"Could not compose the config: {text}")
 
 
-def _unknown_key_message(key: str, config_dir: str | None) -> str:
+def _unknown_key_message(key: str, overrides: Sequence[str], config_dir: str | None) -> str:
     parent, _, leaf = key.rpartition(".")
-    try:
-        base = compose((), config_dir)
+    try:  # the user's other overrides pick the recipe/groups whose keys are the right hints
+        base = compose(overrides, config_dir)
         node = OmegaConf.select(base, parent) if parent else base
         siblings = list(node.keys()) if isinstance(node, DictConfig) else []
     except ConfigError:
