@@ -35,7 +35,18 @@ _EXPORTS = {
     "CheckpointError": "forge.errors",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [
+    "CheckpointError",
+    "ClusterError",
+    "ConfigError",
+    "ForgeError",
+    "Recipe",
+    "RunResult",
+    "TrainingError",
+    "__version__",
+    "compose",
+    "train",
+]
 
 if TYPE_CHECKING:
     from forge.api import RunResult, train

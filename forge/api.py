@@ -78,8 +78,8 @@ def train(
         TrainingError: A worker failed more often than ``trainer.max_failures`` allows.
 
     Example:
-        >>> result = forge.train(["trainer.max_steps=20", "scaling.num_workers=1"])  # doctest: +SKIP
-        >>> result.global_step
+        >>> result = forge.train(["trainer.max_steps=20"])  # doctest: +SKIP
+        >>> result.global_step  # doctest: +SKIP
         20
     """
     from forge.cluster import check_resources, ray_session

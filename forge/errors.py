@@ -18,10 +18,10 @@ class ConfigError(ForgeError):
     """The configuration is wrong; raised before any worker starts.
 
     Example:
-        >>> raise ConfigError("trainer.max_steps: must be > 0 (got -1). Set trainer.max_steps=100.")
+        >>> raise ConfigError("trainer.max_steps: must be > 0. Set trainer.max_steps=100.")
         Traceback (most recent call last):
         ...
-        forge.errors.ConfigError: trainer.max_steps: must be > 0 (got -1). Set trainer.max_steps=100.
+        forge.errors.ConfigError: trainer.max_steps: must be > 0. Set trainer.max_steps=100.
     """
 
 

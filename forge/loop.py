@@ -30,6 +30,7 @@ from forge.config.specs import LaunchPlan, RunSpec
 from forge.errors import ConfigError
 from forge.loader import batch_len, eval_batches, to_device, train_loader
 from forge.optim import make_optimizer, make_scheduler
+from forge.precision import autocast
 from forge.recipe import Recipe, build_params, import_recipe_module
 from forge.strategies import make_strategy
 
@@ -79,14 +80,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """Mixed-precision context for the forward pass; a no-op for full precision."""
-    if precision == "32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def build_recipe(spec: RunSpec) -> Recipe:
@@ -157,6 +150,7 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
     def save(metrics: dict[str, float]) -> CommittedCheckpoint | None:
         files = strategy.checkpoint_files(model, optimizer)
         files[f"rank{ctx.rank}.safetensors"] = tensors_to_bytes(rng_state())
+        files = {name: data() if callable(data) else data for name, data in files.items()}
         files_sched = {"scheduler_last_epoch": scheduler.last_epoch}
         committed = store.save(
             state.step,
@@ -197,17 +191,14 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
             sync_now = micro % trainer.accumulate_grad_batches == 0
             batch = to_device(batch, ctx.device)
             with contextlib.nullcontext() if sync_now else strategy.no_sync(model):
-                with autocast(trainer.precision, ctx.device):
+                with strategy.autocast(trainer.precision):
                     loss = recipe.loss_fn(model, batch)
-                (loss / trainer.accumulate_grad_batches).backward()
+                strategy.backward(model, loss, trainer.accumulate_grad_batches)
             loss_sum[0] += loss.detach().float()
             loss_sum[1] += 1
             if not sync_now:
                 continue
-            if trainer.gradient_clip_val is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), trainer.gradient_clip_val)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            strategy.optimizer_step(model, optimizer, trainer.gradient_clip_val)
             scheduler.step()
             state.step += 1
 

@@ -35,7 +35,9 @@ def redacted_config(cfg: DictConfig) -> dict[str, Any]:
 
     Example:
         >>> import os; os.environ["FORGE_DOC_TOKEN"] = "s3cr3t-value"
-        >>> cfg = OmegaConf.create({"token": "${oc.env:FORGE_DOC_TOKEN}", "url": "x:${token}", "lr": 0.1})
+        >>> cfg = OmegaConf.create(
+        ...     {"token": "${oc.env:FORGE_DOC_TOKEN}", "url": "x:${token}", "lr": 0.1}
+        ... )
         >>> redacted_config(cfg)
         {'token': '<redacted: from env FORGE_DOC_TOKEN>', 'url': '<redacted: from env>', 'lr': 0.1}
     """

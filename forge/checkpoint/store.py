@@ -214,7 +214,7 @@ class CheckpointStore:
         return sorted(found, key=lambda c: c.step)
 
     def latest(self, verify: bool = True) -> CommittedCheckpoint | None:
-        """The newest committed checkpoint that verifies; corrupt ones are skipped with a warning."""
+        """The newest committed checkpoint that verifies; corrupt ones are skipped, warned of."""
         for ckpt in reversed(self.committed()):
             if not verify:
                 return ckpt

@@ -21,7 +21,8 @@ from forge.checkpoint.serialize import (
 )
 from forge.checkpoint.store import CommittedCheckpoint
 from forge.config.specs import StrategySpec
-from forge.strategies import OptimizerFactory
+from forge.precision import autocast
+from forge.strategies import FilePayload, OptimizerFactory, host_copy
 
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optim.pt"
@@ -55,17 +56,34 @@ class DDPStrategy:
     def no_sync(self, model: nn.Module) -> AbstractContextManager[None]:
         return model.no_sync() if isinstance(model, DistributedDataParallel) else nullcontext()
 
+    def autocast(self, precision: str) -> AbstractContextManager[None]:
+        return autocast(precision, self.device)
+
+    def backward(self, model: nn.Module, loss: torch.Tensor, accumulation: int) -> None:
+        (loss / accumulation).backward()
+
+    def optimizer_step(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, clip_norm: float | None
+    ) -> None:
+        if clip_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if isinstance(model, DistributedDataParallel) else model
 
     def checkpoint_files(
         self, model: nn.Module, optimizer: torch.optim.Optimizer
-    ) -> dict[str, bytes]:
+    ) -> dict[str, FilePayload]:
         if self.rank != 0:  # replicas are identical: one copy is enough
             return {}
+        # Host copies now (training is paused); serialization may run later, in background.
+        model_state = host_copy(self.unwrap(model).state_dict())
+        optim_state = host_copy(optimizer.state_dict())
         return {
-            MODEL_FILE: tensors_to_bytes(self.unwrap(model).state_dict()),
-            OPTIM_FILE: object_to_bytes(optimizer.state_dict()),
+            MODEL_FILE: lambda: tensors_to_bytes(model_state),
+            OPTIM_FILE: lambda: object_to_bytes(optim_state),
         }
 
     def load_checkpoint(
