@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -42,6 +43,7 @@ def ray_session(spec: RaySpec, verbose: bool = False) -> Iterator[None]:
             **common,
         )
     else:
+        _probe(spec.address)
         try:
             ray.init(address=spec.address, **common)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -55,6 +57,27 @@ def ray_session(spec: RaySpec, verbose: bool = False) -> Iterator[None]:
     finally:
         if spec.address is None:
             ray.shutdown()
+
+
+def _probe(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when a host:port address does not answer.
+
+    ``ray.init`` keeps retrying an unreachable GCS for a long time before it gives up.
+    """
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return  # let Ray interpret anything unusual
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ClusterError(
+            f"ray.address={address}: nothing answers at {host}:{port} ({exc.strerror or exc}). "
+            "Check the address (`ray status` on the head node prints it), start a cluster with "
+            "`ray start --head`, or use ray.address=null for an embedded local Ray."
+        ) from None
 
 
 def check_resources(scaling: ScalingSpec) -> None:

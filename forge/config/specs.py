@@ -48,11 +48,107 @@ class OptimSpec(Spec):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
 
 
+StrategyName = Literal[
+    "ddp",
+    "fsdp",
+    "deepspeed_zero1",
+    "deepspeed_zero2",
+    "deepspeed_zero3",
+    "deepspeed_zero3_offload",
+]
+Offload = Literal["none", "cpu", "nvme"]
+
+# One spec for every strategy (the YAML of each `strategy=` option sets only its own keys); a
+# key that belongs to another strategy is refused, so a typo'd combination never passes silently.
+_COMMON_STRATEGY_KEYS = {"name", "activation_checkpointing", "block_classes"}
+_DEEPSPEED_KEYS = {"offload_optimizer", "offload_params", "nvme_path", "train_batch_size"}
+STRATEGY_KEYS: dict[str, set[str]] = {
+    "ddp": {"bucket_cap_mb", "find_unused_parameters", "gradient_as_bucket_view"},
+    "fsdp": {"sharding"},
+    **{
+        name: _DEEPSPEED_KEYS
+        for name in (
+            "deepspeed_zero1",
+            "deepspeed_zero2",
+            "deepspeed_zero3",
+            "deepspeed_zero3_offload",
+        )
+    },
+}
+
+
 class StrategySpec(Spec):
-    name: Literal["ddp"] = Field("ddp", description="distribution strategy")
-    bucket_cap_mb: float = Field(25, gt=0)
+    """How workers share the model; ``strategy=<name>`` picks ``configs/strategy/<name>.yaml``."""
+
+    name: StrategyName = Field("ddp", description="distribution strategy")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each block's activations in backward (saves memory)"
+    )
+    block_classes: list[str] | None = Field(
+        None,
+        description="module class names that are the model's blocks (FSDP units, checkpointed,"
+        " compiled); null: every child of an nn.ModuleList",
+    )
+    # ddp
+    bucket_cap_mb: float = Field(25, gt=0, description="DDP gradient bucket size")
     find_unused_parameters: bool = False
     gradient_as_bucket_view: bool = True
+    # fsdp
+    sharding: Literal["full_shard", "shard_grad_op"] = Field(
+        "full_shard",
+        description="full_shard: params resharded after forward (ZeRO-3-like); shard_grad_op: "
+        "kept until backward (ZeRO-2-like, more memory, fewer all-gathers)",
+    )
+    # deepspeed_*
+    offload_optimizer: Offload = Field("none", description="ZeRO-Offload of optimizer state")
+    offload_params: Offload = Field("none", description="ZeRO-3 parameter offload")
+    nvme_path: str | None = Field(None, description="local NVMe folder for nvme offload")
+    train_batch_size: PositiveInt | None = Field(
+        None, description="DeepSpeed global batch; must equal data.batch_size x workers x accum"
+    )
+
+    @property
+    def zero_stage(self) -> int | None:
+        """The ZeRO stage of a ``deepspeed_*`` strategy, None for the others.
+
+        Example:
+            >>> StrategySpec(name="deepspeed_zero3_offload").zero_stage
+            3
+        """
+        if not self.name.startswith("deepspeed_zero"):
+            return None
+        return int(self.name[len("deepspeed_zero")])
+
+    @model_validator(mode="after")
+    def _own_keys_only(self) -> StrategySpec:
+        allowed = _COMMON_STRATEGY_KEYS | STRATEGY_KEYS[self.name]
+        foreign = sorted(self.model_fields_set - allowed)
+        if foreign:
+            raise ValueError(
+                f"strategy.{foreign[0]} is not an option of strategy={self.name} (its options: "
+                f"{', '.join(sorted(allowed - {'name'}))}). Choose a strategy with the config "
+                f"group (strategy={self.name}, not strategy.name={self.name}) so only its own "
+                f"keys are set, or remove it (~strategy.{foreign[0]})"
+            )
+        stage = self.zero_stage
+        if self.offload_params != "none" and stage != 3:
+            raise ValueError(
+                f"strategy.offload_params={self.offload_params} needs ZeRO-3 but "
+                f"strategy={self.name} is stage {stage}: only ZeRO-3 partitions parameters. Use "
+                "strategy=deepspeed_zero3_offload, or strategy.offload_params=none"
+            )
+        nvme = "nvme" in (self.offload_params, self.offload_optimizer)
+        if nvme and stage != 3:
+            raise ValueError(
+                f"strategy.offload_optimizer=nvme needs ZeRO-3 (ZeRO-Infinity) but strategy="
+                f"{self.name} is stage {stage}. Use strategy=deepspeed_zero3_offload"
+            )
+        if nvme and not self.nvme_path:
+            raise ValueError(
+                "strategy.offload_optimizer/offload_params=nvme needs strategy.nvme_path (a "
+                "local NVMe folder on every node), e.g. strategy.nvme_path=/local_nvme"
+            )
+        return self
 
 
 class ScalingSpec(Spec):
@@ -87,6 +183,7 @@ class TrainerSpec(Spec):
     log_every_n_steps: PositiveInt = 10
     val_every_n_steps: NonNegInt = Field(100, description="0 validates only at the end")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts; -1 is unlimited")
+    compile: bool = Field(False, description="torch.compile the model's blocks (forge loop)")
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -145,12 +242,50 @@ class RunSpec(Spec):
                 "trainer.precision=fp16 needs scaling.use_gpu=true: fp16 mixed precision relies "
                 "on CUDA loss scaling. On CPU use trainer.precision=bf16 or trainer.precision=32"
             )
+        self._strategy_cross_checks()
         if self.run_name is not None and ("/" in self.run_name or self.run_name in {".", ".."}):
             raise ValueError(
                 f"run_name={self.run_name!r} must be a single folder name (no '/'); "
                 "use storage.uri to choose where runs go"
             )
         return self
+
+    def _strategy_cross_checks(self) -> None:
+        strategy, name = self.strategy, self.strategy.name
+        if self.recipe.kind == "lightning":
+            if name != "ddp" and not self.scaling.use_gpu:
+                raise ValueError(
+                    f"strategy={name} with recipe.kind=lightning needs scaling.use_gpu=true: "
+                    "Lightning's FSDP and DeepSpeed strategies refuse the CPU accelerator. Use "
+                    "strategy=ddp on CPU"
+                )
+            for key, on in (
+                ("trainer.compile", self.trainer.compile),
+                ("strategy.activation_checkpointing", strategy.activation_checkpointing),
+            ):
+                if on:
+                    raise ValueError(
+                        f"{key}=true applies to forge-loop recipes; recipe.kind=lightning "
+                        "leaves the model to the LightningModule (compile or checkpoint there)"
+                    )
+        if strategy.train_batch_size is not None:
+            per_step = self.scaling.num_workers * self.trainer.accumulate_grad_batches
+            expected = self.data.batch_size * per_step
+            if strategy.train_batch_size % per_step:
+                raise ValueError(
+                    f"strategy.train_batch_size={strategy.train_batch_size} does not divide over "
+                    f"scaling.num_workers={self.scaling.num_workers} x "
+                    f"trainer.accumulate_grad_batches={self.trainer.accumulate_grad_batches} "
+                    f"(={per_step}). Use a multiple of {per_step}, e.g. {expected}"
+                )
+            if strategy.train_batch_size != expected:
+                raise ValueError(
+                    f"strategy.train_batch_size={strategy.train_batch_size} means "
+                    f"{strategy.train_batch_size // per_step} samples per worker and micro-step, "
+                    f"but data.batch_size={self.data.batch_size}. Set "
+                    f"data.batch_size={strategy.train_batch_size // per_step}, or remove "
+                    "strategy.train_batch_size (forge derives it)"
+                )
 
 
 class LaunchPlan(Spec):
