@@ -7,19 +7,27 @@ Layout::
 
 Commit protocol: every rank writes its own files and hashes them as it writes; the hashes are
 gathered on rank 0, which writes ``manifest.json`` (the commit) and *then* moves ``latest.json``
-and applies retention. A crash before the manifest leaves a folder that readers ignore.
+and applies retention. A crash before the manifest leaves a folder that readers ignore, and that
+:meth:`CheckpointStore.clean_uncommitted` removes when the run next starts.
+
+:meth:`CheckpointStore.save` does all of that synchronously; :mod:`forge.checkpoint.streamer`
+runs the same two halves (:meth:`~CheckpointStore.write_files`, :meth:`~CheckpointStore.commit`)
+in the background while training goes on.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from forge.checkpoint import storage
 from forge.checkpoint.manifest import MANIFEST, FileEntry, Manifest
+from forge.checkpoint.storage import StorageOptions
 from forge.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -28,6 +36,9 @@ POINTER = "latest.json"
 # Gathers one picklable object from every rank onto rank 0 (None elsewhere). Injected so the
 # store works with torch.distributed, with another collective, or alone in a unit test.
 GatherFn = Callable[[Any], "list[Any] | None"]
+# A file's bytes, or a zero-argument callable producing them (run in the background).
+Payload = bytes | Callable[[], bytes]
+_FILE_CONCURRENCY = 4  # files of one rank written (or verified) at once
 
 
 def _gather_alone(obj: Any) -> list[Any]:
@@ -44,6 +55,7 @@ class CommittedCheckpoint:
 
     uri: str
     manifest: Manifest
+    options: StorageOptions | None = field(default=None, compare=False, repr=False)
 
     @property
     def step(self) -> int:
@@ -56,7 +68,10 @@ class CommittedCheckpoint:
             raise CheckpointError(
                 f"{self.uri} has no file {name!r} (it has {sorted(self.manifest.files)})."
             )
-        data = storage.read_bytes(storage.join(self.uri, name))
+        try:
+            data = storage.read_bytes(storage.join(self.uri, name), self.options)
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.uri}: {name} is missing.") from None
         if FileEntry.of(data) != entry:
             raise CheckpointError(
                 f"{storage.join(self.uri, name)} does not match its manifest "
@@ -64,28 +79,36 @@ class CommittedCheckpoint:
             )
         return data
 
-    def verify(self) -> None:
-        """Check every file listed in the manifest (sizes first, as that needs no download)."""
+    def verify_sizes(self) -> None:
+        """Check that every listed file exists with its size (one listing, no download)."""
+        sizes = {e["name"]: e.get("size") for e in storage.list_dir(self.uri, self.options)}
         for name, entry in self.manifest.files.items():
-            fs, path = storage.filesystem(storage.join(self.uri, name))
-            try:
-                size = fs.size(path)
-            except FileNotFoundError:
-                raise CheckpointError(f"{self.uri}: {name} is missing.") from None
-            if size != entry.size:
+            if name not in sizes:
+                raise CheckpointError(f"{self.uri}: {name} is missing.")
+            if sizes[name] != entry.size:
                 raise CheckpointError(
-                    f"{self.uri}: {name} is {size} bytes, the manifest says {entry.size} "
+                    f"{self.uri}: {name} is {sizes[name]} bytes, the manifest says {entry.size} "
                     "(truncated or partial upload)."
                 )
-        for name in self.manifest.files:
-            self.read(name)
+
+    def verify(self) -> None:
+        """Check every file listed in the manifest: sizes first, then sha256 (in parallel)."""
+        self.verify_sizes()
+        names = list(self.manifest.files)
+        if not names:
+            return
+        with ThreadPoolExecutor(min(_FILE_CONCURRENCY, len(names))) as pool:
+            for future in [pool.submit(self.read, name) for name in names]:
+                future.result()
 
 
-def open_checkpoint(uri: str, verify: bool = True) -> CommittedCheckpoint:
+def open_checkpoint(
+    uri: str, verify: bool = True, options: StorageOptions | None = None
+) -> CommittedCheckpoint:
     """Open a committed checkpoint folder, raising CheckpointError if it is not one."""
     uri = storage.normalize(uri)
     try:
-        manifest = Manifest.from_json(storage.read_bytes(storage.join(uri, MANIFEST)))
+        manifest = Manifest.from_json(storage.read_bytes(storage.join(uri, MANIFEST), options))
     except FileNotFoundError:
         raise CheckpointError(
             f"{uri} is not a committed checkpoint (no {MANIFEST}); it may be a partial save. "
@@ -93,7 +116,7 @@ def open_checkpoint(uri: str, verify: bool = True) -> CommittedCheckpoint:
         ) from None
     except (ValueError, TypeError, KeyError) as exc:
         raise CheckpointError(f"{uri}/{MANIFEST} is unreadable ({exc}).") from None
-    ckpt = CommittedCheckpoint(uri, manifest)
+    ckpt = CommittedCheckpoint(uri, manifest, options)
     if verify:
         ckpt.verify()
     return ckpt
@@ -105,8 +128,10 @@ class CheckpointStore:
     Args:
         run_uri: The run folder; checkpoints go to ``<run_uri>/checkpoints``.
         keep_last: Committed checkpoints to keep (None keeps all). The newest is never deleted.
-        monitor: Metric name; the best checkpoint by it is kept as well.
+        monitor: Metric name; the best checkpoints by it are kept as well.
         mode: ``min`` or ``max`` for ``monitor``.
+        keep_best: How many of the best checkpoints by ``monitor`` retention keeps (top-k).
+        options: How to reach the storage (endpoint, region, retries).
 
     Example:
         >>> store = CheckpointStore("memory://doc/run", keep_last=1)
@@ -122,40 +147,79 @@ class CheckpointStore:
         keep_last: int | None = None,
         monitor: str | None = None,
         mode: str = "min",
+        keep_best: int = 1,
+        options: StorageOptions | None = None,
     ) -> None:
-        self.root = storage.join(storage.normalize(run_uri), "checkpoints")
+        self.run_uri = storage.normalize(run_uri)
+        self.root = storage.join(self.run_uri, "checkpoints")
         self.keep_last = keep_last
         self.monitor = monitor
         self.mode = mode
+        self.keep_best = keep_best
+        self.options = options
+        # Manifests never change once written: read each one once.
+        self._manifests: dict[str, Manifest] = {}
+        self._manifests_lock = threading.Lock()
+
+    def with_options(self, options: StorageOptions) -> CheckpointStore:
+        """The same store, reached with other options (e.g. a more patient retry policy)."""
+        store = CheckpointStore(
+            self.run_uri, self.keep_last, self.monitor, self.mode, self.keep_best, options
+        )
+        store._manifests = self._manifests
+        store._manifests_lock = self._manifests_lock
+        return store
+
+    def step_uri(self, step: int) -> str:
+        return storage.join(self.root, step_dir_name(step))
 
     # -- writing -------------------------------------------------------------------------------
 
-    def save(
+    def write_files(
         self,
         step: int,
-        files: dict[str, bytes],
+        files: Mapping[str, Payload],
         *,
-        rank: int = 0,
+        cancel: threading.Event | None = None,
+    ) -> dict[str, FileEntry]:
+        """Write this rank's files of ``step`` (several at once) and return their entries.
+
+        Callables are called here (serialization), each file is hashed and uploaded; nothing is
+        committed. Safe to run in a background thread.
+        """
+        uri = self.step_uri(step)
+
+        def one(name: str, payload: Payload) -> tuple[str, FileEntry]:
+            data = payload() if callable(payload) else payload
+            entry = FileEntry.of(data)
+            storage.write_bytes(storage.join(uri, name), data, self.options, cancel=cancel)
+            return name, entry
+
+        items = list(files.items())
+        if len(items) <= 1:
+            return dict(one(n, p) for n, p in items)
+        with ThreadPoolExecutor(min(_FILE_CONCURRENCY, len(items))) as pool:
+            futures = [pool.submit(one, n, p) for n, p in items]
+            try:
+                return dict(f.result() for f in futures)
+            except BaseException:
+                if cancel is not None:
+                    cancel.set()
+                raise
+
+    def commit(
+        self,
+        step: int,
+        all_entries: list[dict[str, FileEntry]],
+        *,
         world_size: int = 1,
-        gather: GatherFn = _gather_alone,
         strategy: str,
         metrics: dict[str, float] | None = None,
         state: dict[str, Any] | None = None,
         config_hash: str = "",
         git_sha: str | None = None,
-    ) -> CommittedCheckpoint | None:
-        """Write this rank's ``files``, then commit on rank 0. Call on every rank.
-
-        Returns the committed checkpoint on rank 0, None on other ranks.
-        """
-        uri = storage.join(self.root, step_dir_name(step))
-        entries = {}
-        for name, data in files.items():
-            storage.write_bytes(storage.join(uri, name), data)
-            entries[name] = FileEntry.of(data)
-        all_entries = gather(entries)  # also the barrier: rank 0 continues once all have written
-        if all_entries is None:
-            return None
+    ) -> CommittedCheckpoint:
+        """On rank 0, once every rank's files have landed: manifest, pointer, retention."""
         merged: dict[str, FileEntry] = {}
         for rank_entries in all_entries:
             overlap = merged.keys() & rank_entries.keys()
@@ -174,43 +238,105 @@ class CheckpointStore:
             metrics=dict(metrics or {}),
             state=dict(state or {}),
         )
-        storage.write_bytes(storage.join(uri, MANIFEST), manifest.to_json())  # the commit
+        uri = self.step_uri(step)
+        storage.write_bytes(storage.join(uri, MANIFEST), manifest.to_json(), self.options)
+        with self._manifests_lock:
+            self._manifests[step_dir_name(step)] = manifest
         pointer = {"step": step, "name": step_dir_name(step)}
-        storage.write_bytes(storage.join(self.root, POINTER), json.dumps(pointer).encode())
-        self.apply_retention()
-        return CommittedCheckpoint(uri, manifest)
+        storage.write_bytes(
+            storage.join(self.root, POINTER), json.dumps(pointer).encode(), self.options
+        )
+        self.apply_retention()  # only now: the pointer no longer names anything it may delete
+        return CommittedCheckpoint(uri, manifest, self.options)
+
+    def save(
+        self,
+        step: int,
+        files: Mapping[str, Payload],
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        gather: GatherFn = _gather_alone,
+        strategy: str,
+        metrics: dict[str, float] | None = None,
+        state: dict[str, Any] | None = None,
+        config_hash: str = "",
+        git_sha: str | None = None,
+    ) -> CommittedCheckpoint | None:
+        """Write this rank's ``files``, then commit on rank 0. Call on every rank.
+
+        Synchronous; :class:`forge.checkpoint.streamer.CheckpointStreamer` is the background
+        version. Returns the committed checkpoint on rank 0, None on other ranks.
+        """
+        entries = self.write_files(step, files)
+        all_entries = gather(entries)  # also the barrier: rank 0 continues once all have written
+        if all_entries is None:
+            return None
+        return self.commit(
+            step,
+            all_entries,
+            world_size=world_size,
+            strategy=strategy,
+            metrics=metrics,
+            state=state,
+            config_hash=config_hash,
+            git_sha=git_sha,
+        )
 
     def apply_retention(self) -> list[str]:
-        """Delete committed checkpoints beyond ``keep_last`` (never the newest, nor the best)."""
+        """Delete committed checkpoints beyond ``keep_last`` (never the newest, nor the best k)."""
         if self.keep_last is None:
             return []
         committed = self.committed()
         if not committed:
             return []
         keep = {c.uri for c in committed[-self.keep_last :]} | {committed[-1].uri}
-        best = self.best(committed)
-        if best is not None:
-            keep.add(best.uri)
+        keep |= {c.uri for c in self.top(self.keep_best, committed)}
         deleted = []
         for ckpt in committed:
             if ckpt.uri not in keep:
-                storage.remove(ckpt.uri)
+                storage.remove(ckpt.uri, self.options)
+                with self._manifests_lock:
+                    self._manifests.pop(ckpt.uri.rsplit("/", 1)[-1], None)
                 deleted.append(ckpt.uri)
         return deleted
+
+    def clean_uncommitted(self) -> list[str]:
+        """Remove what crashed saves left behind: step folders without a manifest, and (S3)
+        unfinished multipart uploads. Call only while no rank of this run is writing."""
+        aborted = storage.abort_uploads(self.root, self.options)
+        if aborted:
+            log.info("Aborted %d unfinished multipart upload(s) under %s", aborted, self.root)
+        removed = []
+        committed = {c.uri for c in self.committed()}
+        for entry in storage.list_dir(self.root, self.options):
+            uri = storage.join(self.root, entry["name"])
+            if entry["type"] == "directory" and entry["name"].startswith("step_"):
+                if uri not in committed:
+                    storage.remove(uri, self.options)
+                    removed.append(uri)
+        return removed
 
     # -- reading -------------------------------------------------------------------------------
 
     def committed(self) -> list[CommittedCheckpoint]:
         """Checkpoints with a readable manifest, oldest first (files not verified)."""
         found = []
-        for entry in storage.list_dir(self.root):
+        for entry in storage.list_dir(self.root, self.options):
             if entry["type"] != "directory" or not entry["name"].startswith("step_"):
                 continue
-            uri = storage.join(self.root, entry["name"])
-            try:
-                found.append(open_checkpoint(uri, verify=False))
-            except CheckpointError:
-                continue  # never committed: a crash mid-save, invisible by design
+            name = entry["name"]
+            uri = storage.join(self.root, name)
+            with self._manifests_lock:
+                manifest = self._manifests.get(name)
+            if manifest is None:
+                try:
+                    manifest = open_checkpoint(uri, verify=False, options=self.options).manifest
+                except CheckpointError:
+                    continue  # never committed: a crash mid-save, invisible by design
+                with self._manifests_lock:
+                    self._manifests[name] = manifest
+            found.append(CommittedCheckpoint(uri, manifest, self.options))
         return sorted(found, key=lambda c: c.step)
 
     def latest(self, verify: bool = True) -> CommittedCheckpoint | None:
@@ -222,19 +348,44 @@ class CheckpointStore:
                 ckpt.verify()
                 return ckpt
             except CheckpointError as exc:
-                log.warning(
-                    "Skipping checkpoint %s: %s Falling back to the one before.", ckpt.uri, exc
-                )
+                _warn_skip(ckpt, exc)
         return None
+
+    def candidates(self) -> list[CommittedCheckpoint]:
+        """Committed checkpoints, newest first, whose files all exist with the right sizes.
+
+        Cheap (a listing per checkpoint, no download); sha256 is checked as files are read.
+        Truncated or partial ones are skipped with a warning naming them.
+        """
+        out = []
+        for ckpt in reversed(self.committed()):
+            try:
+                ckpt.verify_sizes()
+                out.append(ckpt)
+            except CheckpointError as exc:
+                _warn_skip(ckpt, exc)
+        return out
+
+    def top(
+        self, k: int, committed: list[CommittedCheckpoint] | None = None
+    ) -> list[CommittedCheckpoint]:
+        """The ``k`` best committed checkpoints by ``monitor``, best first ([] without one)."""
+        if self.monitor is None or k <= 0:
+            return []
+        scored = [c for c in (committed or self.committed()) if self.monitor in c.manifest.metrics]
+        return sorted(
+            scored,
+            key=lambda c: c.manifest.metrics[self.monitor],  # type: ignore[index]
+            reverse=self.mode == "max",
+        )[:k]
 
     def best(
         self, committed: list[CommittedCheckpoint] | None = None
     ) -> CommittedCheckpoint | None:
         """The committed checkpoint with the best ``monitor`` metric, if one is configured."""
-        if self.monitor is None:
-            return None
-        scored = [c for c in (committed or self.committed()) if self.monitor in c.manifest.metrics]
-        if not scored:
-            return None
-        pick = min if self.mode == "min" else max
-        return pick(scored, key=lambda c: c.manifest.metrics[self.monitor])  # type: ignore[index]
+        top = self.top(1, committed)
+        return top[0] if top else None
+
+
+def _warn_skip(ckpt: CommittedCheckpoint, exc: Exception) -> None:
+    log.warning("Skipping checkpoint %s: %s Falling back to the one before.", ckpt.uri, exc)
