@@ -26,19 +26,21 @@ fi
 torch_spec="${FORGE_TORCH_SPEC:-$default_torch}"
 if ! "$PY" -c 'import torch' >/dev/null 2>&1; then
   echo "[setup] installing $torch_spec"
-  "$PY" -m pip install -q "$torch_spec"
+  "$PY" -m pip install -q "$torch_spec" 2>&1 | grep -v "is ignored: it is neither" || true
 fi
 constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
-"$PY" -c 'import torch; print("torch==" + torch.__version__)' >"$constraints"
+"$PY" -W ignore -c 'import torch; print("torch==" + torch.__version__)' >"$constraints"
 
 # Skip pip entirely when forge is already installed from this checkout with its extras.
 if ! "$PY" -c 'import forge, moto, deepspeed, onnxruntime, pytest' >/dev/null 2>&1 \
-   || [ pyproject.toml -nt "$VENV/.forge-installed" ]; then
+   || [ pyproject.toml -nt "$VENV/.forge-installed" ] \
+   || [ requirements/constraints.txt -nt "$VENV/.forge-installed" ]; then
   echo "[setup] installing forge and its dependencies into $VENV (a few minutes the first time)"
-  "$PY" -m pip install -q -c "$constraints" -e ".[dev,export,deepspeed]" 2>&1 \
+  "$PY" -m pip install -q -c "$constraints" -c requirements/constraints.txt \
+    -e ".[dev,export,deepspeed]" 2>&1 \
     | grep -v "is ignored: it is neither a file nor a directory" || true
   "$PY" -c 'import forge, ray, hydra, pytorch_lightning' # fail loudly if the install did not take
   touch "$VENV/.forge-installed"
 fi
-echo "[setup] ready: $("$PY" -c 'import torch, ray; print(f"torch {torch.__version__}, ray {ray.__version__}")')"
+echo "[setup] ready: $("$PY" -W ignore -c 'import torch, ray; print(f"torch {torch.__version__}, ray {ray.__version__}")')"
