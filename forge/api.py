@@ -17,6 +17,8 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from forge.checkpoint import storage
+from forge.checkpoint.lock import RunLock
+from forge.checkpoint.storage import StorageOptions
 from forge.checkpoint.store import CheckpointStore, open_checkpoint
 from forge.config.compose import compose
 from forge.config.specs import LaunchPlan, RunSpec
@@ -24,6 +26,7 @@ from forge.config.validate import to_run_spec
 from forge.errors import ConfigError
 from forge.progress import make_console
 from forge.run_folder import config_hash, git_state, redacted_config, write_provenance
+from forge.strategies.preflight import check_available, check_resumable
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,16 @@ def train(
     console = console or make_console()
     if notice:
         console.print(notice)
-    with ray_session(spec.ray, spec.verbose):
+    # One run per run folder, from here until the end (refused here, before any worker starts).
+    lock = RunLock.acquire(
+        plan.run_uri,
+        options=StorageOptions.from_spec(spec.storage),
+        stale_after_s=spec.storage.lock_stale_after_s,
+        take_over_stale=spec.resume == "auto",
+        break_lock=spec.storage.break_lock,
+        description=f"recipe {spec.recipe.name}",
+    )
+    with lock, ray_session(spec.ray, spec.verbose):
         check_resources(spec.scaling)
         git_sha, dirty = git_state()
         write_provenance(
@@ -108,6 +120,7 @@ def train(
             world_size=spec.scaling.num_workers,
             git_sha=git_sha,
             git_dirty=dirty,
+            options=lock.options,
         )
         console.print(
             f"[bold]forge[/] {spec.recipe.name}: {spec.scaling.num_workers} worker(s), "
@@ -144,32 +157,49 @@ def plan_run(
     * ``resume=<uri>``: start from that committed checkpoint, in a new run folder.
 
     Returns the plan and an optional notice for the console.
+
+    Raises:
+        ConfigError: Storage unreachable, a missing bucket, missing credentials, or a run
+            folder that must not be written to; all before any worker starts.
     """
     root = storage.normalize(spec.storage.uri)
+    options = StorageOptions.from_spec(spec.storage)
+    storage.probe(root, options)
     notice = None
     resume_from = None
     run_name = spec.run_name
     if spec.resume == "auto":
         if run_name is None:
-            run_name = newest_resumable_run(root, spec.recipe.name)
-        if run_name is None or CheckpointStore(storage.join(root, run_name)).latest(False) is None:
+            run_name = newest_resumable_run(root, spec.recipe.name, options)
+        run_store = (
+            CheckpointStore(storage.join(root, run_name), options=options) if run_name else None
+        )
+        if run_store is None or run_store.latest(False) is None:
             notice = (
                 f"resume=auto: no committed checkpoint for {spec.recipe.name} under {root}; "
                 "starting a new run."
             )
     elif spec.resume is not None:
-        resume_from = open_checkpoint(spec.resume).uri  # fails now if it is not committed
+        # fails now if it is not committed
+        resume_from = open_checkpoint(spec.resume, options=options).uri
     if run_name is None:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(launch_time))
         run_name = f"{spec.recipe.name}-{stamp}"
     run_uri = storage.join(root, run_name)
-    if spec.resume != "auto" and CheckpointStore(run_uri).committed():
+    if spec.resume != "auto" and CheckpointStore(run_uri, options=options).committed():
         # A fresh run, or one seeded from resume=<uri>, must not mix with another run's
         # checkpoints (the newer of those would win on restart).
         raise ConfigError(
             f"run folder {run_uri} already has checkpoints. Continue it with resume=auto "
             f"run_name={run_name}, or start a new run with another run_name."
         )
+    check_available(spec)
+    if spec.resume == "auto":
+        resuming = CheckpointStore(run_uri, options=options).latest(False)
+    else:
+        resuming = open_checkpoint(resume_from, False, options) if resume_from else None
+    if resuming is not None:  # an impossible reshard fails here, not on a worker
+        check_resumable(spec, resuming.uri, resuming.manifest)
     git_sha, _ = git_state()
     plan = LaunchPlan(
         run_uri=run_uri,
@@ -181,15 +211,18 @@ def plan_run(
     return plan, notice
 
 
-def newest_resumable_run(root: str, recipe_name: str) -> str | None:
+def newest_resumable_run(
+    root: str, recipe_name: str, options: StorageOptions | None = None
+) -> str | None:
     """Name of the most recent ``<recipe_name>-*`` run folder with a committed checkpoint."""
     pattern = re.compile(rf"^{re.escape(recipe_name)}-\d{{8}}-\d{{6}}")
     names = sorted(
-        (e["name"] for e in storage.list_dir(root) if e["type"] == "directory"),
+        (e["name"] for e in storage.list_dir(root, options) if e["type"] == "directory"),
         reverse=True,
     )
     for name in names:
-        if pattern.match(name) and CheckpointStore(storage.join(root, name)).committed():
+        store = CheckpointStore(storage.join(root, name), options=options)
+        if pattern.match(name) and store.committed():
             return name
     return None
 

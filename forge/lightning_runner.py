@@ -39,18 +39,25 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from forge.checkpoint import storage
 from forge.checkpoint.serialize import (
     bytes_to_object,
     bytes_to_tensors,
     object_to_bytes,
     tensors_to_bytes,
 )
+from forge.checkpoint.storage import StorageOptions
 from forge.checkpoint.store import CheckpointStore, CommittedCheckpoint, open_checkpoint
+from forge.checkpoint.streamer import CheckpointStreamer
 from forge.config.specs import LaunchPlan, RunSpec
 from forge.errors import CheckpointError, ConfigError
 from forge.loop import WARMUP_STEPS_FOR_TIMING, WorkerContext, rng_state
 from forge.recipe import build_params, import_recipe_module
+from forge.strategies.lightning import (
+    deepspeed_checkpoint_files,
+    make_lightning_strategy,
+    resume_path,
+    uses_deepspeed_files,
+)
 
 log = logging.getLogger(__name__)  # a child of "forge": rank 0's warnings reach the driver
 
@@ -217,6 +224,7 @@ class _ForgeCallback(pl.Callback):
         self.pending_save: int | None = None  # a due checkpoint waiting for its validation
         self.saved_step = resumed.step if resumed is not None else -1
         self.last: CommittedCheckpoint | None = None  # committed by this attempt
+        self.streamer: CheckpointStreamer | None = None  # uploads and commits in the background
 
     def is_last(self, step: int) -> bool:
         return self.total_steps is not None and step >= self.total_steps
@@ -292,6 +300,8 @@ class _ForgeCallback(pl.Callback):
         batch_idx: int,
     ) -> None:
         self.samples += _batch_size(batch)
+        if self.streamer is not None:
+            self.streamer.poll()  # every rank, every batch: commits uploads that have landed
         step = trainer.global_step
         if step == self.seen_step:  # accumulating gradients: no optimizer step yet
             return
@@ -327,32 +337,48 @@ class _ForgeCallback(pl.Callback):
         # Training stopped before the planned last step (a user callback, or fewer batches than
         # estimated): still leave a checkpoint of where it got to.
         if trainer.global_step > max(self.saved_step, 0):
-            self.save(trainer, trainer.global_step)
+            self.save(trainer, trainer.global_step, final=True)
+        if self.streamer is not None:
+            self.streamer.finish()  # every checkpoint committed before fit() returns
 
     # checkpoints ------------------------------------------------------------------------------
 
-    def save(self, trainer: pl.Trainer, step: int) -> None:
-        """Write this rank's files and commit on rank 0. Runs on every rank at the same step."""
+    def save(self, trainer: pl.Trainer, step: int, final: bool = False) -> None:
+        """Snapshot this rank's files; the streamer uploads them and commits on rank 0 in the
+        background. Runs on every rank at the same step."""
         self.pending_save = None
-        trainer.save_checkpoint(_CAPTURE_PATH, weights_only=False)  # every rank: has a barrier
-        files = lightning_checkpoint_files(self.io.take()) if self.ctx.rank == 0 else {}
+        if uses_deepspeed_files(self.spec):  # DeepSpeed writes its own partitioned files
+            files = deepspeed_checkpoint_files(trainer, self.plan.run_uri, step, self.ctx.rank)
+        else:
+            trainer.save_checkpoint(_CAPTURE_PATH, weights_only=False)  # every rank: a barrier
+            files = lightning_checkpoint_files(self.io.take()) if self.ctx.rank == 0 else {}
         files[f"rank{self.ctx.rank}.safetensors"] = tensors_to_bytes(rng_state())
-        committed = self.store.save(
-            step,
-            files,
-            rank=self.ctx.rank,
-            world_size=self.ctx.world_size,
-            gather=self.ctx.gather,
-            strategy=STRATEGY,
-            metrics=self.last_val,
-            state={"step": step, "epoch": self.epoch},
-            config_hash=self.plan.config_hash,
-            git_sha=self.plan.git_sha,
-        )
+        meta = {
+            "strategy": self.spec.strategy.name,
+            "metrics": dict(self.last_val),
+            "state": {"step": step, "epoch": self.epoch},
+            "config_hash": self.plan.config_hash,
+            "git_sha": self.plan.git_sha,
+        }
+        if self.streamer is None:  # not wired up (direct use of the callback): synchronous
+            committed = self.store.save(
+                step,
+                files,
+                rank=self.ctx.rank,
+                world_size=self.ctx.world_size,
+                gather=self.ctx.gather,
+                **meta,
+            )
+            if committed is not None:
+                self.committed(committed)
+        else:
+            self.streamer.submit(step, files, final=final or self.is_last(step), **meta)
         self.saved_step = step
-        if committed is not None:
-            self.last = committed
-            self.send({"event": "checkpoint", "step": step, "uri": committed.uri})
+
+    def committed(self, ckpt: CommittedCheckpoint) -> None:
+        """On rank 0, for every checkpoint committed."""
+        self.last = ckpt
+        self.send({"event": "checkpoint", "step": ckpt.step, "uri": ckpt.uri})
 
 
 def _validates_after_this_batch(trainer: pl.Trainer, final: bool) -> bool:
@@ -394,20 +420,15 @@ def restore_rng(ckpt: CommittedCheckpoint, rank: int) -> None:
 
 
 def check_strategy(spec: RunSpec) -> None:
-    """Only DDP runs Lightning recipes here; say why for anything else."""
+    """DDP runs Lightning recipes anywhere; FSDP and DeepSpeed only on GPUs (the driver's
+    config check refuses them earlier; this guards direct use)."""
     name = spec.strategy.name
-    if name == "ddp":
-        return
-    if not spec.scaling.use_gpu:
+    if name != "ddp" and not spec.scaling.use_gpu:
         raise ConfigError(
             f"strategy={name} cannot run a Lightning recipe on CPU: Lightning's FSDP and "
             "DeepSpeed strategies refuse the CPU accelerator. Use strategy=ddp, or "
             "scaling.use_gpu=true on a cluster with GPUs."
         )
-    raise ConfigError(
-        f"strategy={name} is not available for Lightning recipes (recipe.kind=lightning); "
-        "they run under Ray's Lightning DDP strategy. Use strategy=ddp."
-    )
 
 
 def build_lightning(spec: RunSpec) -> tuple[pl.LightningModule, pl.LightningDataModule | None]:
@@ -436,10 +457,15 @@ def build_lightning(spec: RunSpec) -> tuple[pl.LightningModule, pl.LightningData
 
 
 def make_trainer(
-    spec: RunSpec, callback: _ForgeCallback, io: _ForgeCheckpointIO, root_dir: str
+    spec: RunSpec,
+    callback: _ForgeCallback,
+    io: _ForgeCheckpointIO,
+    root_dir: str,
+    module: pl.LightningModule | None = None,
 ) -> pl.Trainer:
-    """forge's config as a ``pl.Trainer`` under Ray's Lightning DDP strategy."""
-    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
+    """forge's config as a ``pl.Trainer`` under the Ray Lightning strategy ``strategy=`` names
+    (:func:`forge.strategies.lightning.make_lightning_strategy`)."""
+    from ray.train.lightning import RayLightningEnvironment, prepare_trainer
 
     t = spec.trainer
     # Lightning counts val_check_interval in batches; forge counts optimizer steps.
@@ -448,11 +474,7 @@ def make_trainer(
         # Never periodically; the last step is validated anyway (see _ForgeCallback).
         val_every = _NEVER
     trainer = pl.Trainer(
-        strategy=RayDDPStrategy(
-            bucket_cap_mb=spec.strategy.bucket_cap_mb,
-            find_unused_parameters=spec.strategy.find_unused_parameters,
-            gradient_as_bucket_view=spec.strategy.gradient_as_bucket_view,
-        ),
+        strategy=make_lightning_strategy(spec, module if module is not None else torch.nn.Module()),
         plugins=[RayLightningEnvironment(), io],
         accelerator="gpu" if spec.scaling.use_gpu else "cpu",
         devices="auto",
@@ -496,31 +518,55 @@ def run_lightning(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[s
     pl.seed_everything(spec.seed, workers=True, verbose=False)
     module, data = build_lightning(spec)
 
+    ck = spec.checkpoint
+    options = StorageOptions.from_spec(spec.storage)
     store = CheckpointStore(
-        plan.run_uri, spec.checkpoint.keep_last, spec.checkpoint.monitor, spec.checkpoint.mode
+        plan.run_uri, ck.keep_last, ck.monitor, ck.mode, keep_best=ck.keep_best, options=options
     )
+    if is_main:  # before anyone writes: leftovers of a crashed attempt (the driver holds the lock)
+        store.clean_uncommitted()
     # The run's own newest checkpoint wins (a restart after a failure); else resume_from.
-    ckpt = store.latest() or (open_checkpoint(plan.resume_from) if plan.resume_from else None)
+    ckpt = store.latest() or (
+        open_checkpoint(plan.resume_from, options=options) if plan.resume_from else None
+    )
     io = _ForgeCheckpointIO()
     callback = _ForgeCallback(spec, plan, ctx, store, io, ckpt)
     ckpt_path = None
     if ckpt is not None:
-        ckpt_path = ckpt.uri
-        io.stage(ckpt_path, lightning_checkpoint_dict(ckpt))
+        ckpt_path = resume_path(spec, ckpt, io.stage, lightning_checkpoint_dict)
         if is_main:
             ctx.on_progress({"event": "resumed", "step": ckpt.step, "uri": ckpt.uri})
     if is_main:
-        from forge.metrics import MetricsWriter
+        from forge.metrics import open_run_metrics
 
-        # Local storage: straight into the run folder. Remote storage arrives with streaming.
-        callback.writer = MetricsWriter(storage.normalize(plan.run_uri))
+        # Local storage: straight into the run folder; remote: staged here, uploaded at commits.
+        callback.writer = open_run_metrics(plan.run_uri, options)
+    writer = callback.writer
+    callback.streamer = CheckpointStreamer(
+        store,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        all_reduce_sum=ctx.all_reduce_sum,
+        gather=ctx.gather,
+        device=ctx.device,
+        max_in_flight=ck.max_in_flight,
+        async_upload=ck.async_upload,
+        on_outage=spec.storage.on_outage,
+        outage_max_s=spec.storage.outage_max_s,
+        on_commit=callback.committed,
+        after_commit=(lambda c: writer.sync()) if writer is not None else None,
+    )
 
     with tempfile.TemporaryDirectory(prefix="forge-lightning-") as root_dir:
-        trainer = make_trainer(spec, callback, io, root_dir)
+        trainer = make_trainer(spec, callback, io, root_dir, module)
         callback.trainer = trainer
         try:
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        except BaseException:
+            callback.streamer.close(cancel=True)  # nothing uncommitted may land after this
+            raise
         finally:
+            callback.streamer.close()
             if callback.writer is not None:
                 callback.writer.close()
 

@@ -25,14 +25,17 @@ import torch
 from torch import nn
 
 from forge.checkpoint.serialize import bytes_to_tensors, tensors_to_bytes
+from forge.checkpoint.storage import StorageOptions
 from forge.checkpoint.store import CheckpointStore, CommittedCheckpoint, open_checkpoint
+from forge.checkpoint.streamer import CheckpointStreamer
 from forge.config.specs import LaunchPlan, RunSpec
-from forge.errors import ConfigError
+from forge.errors import CheckpointError, ConfigError
 from forge.loader import batch_len, eval_batches, to_device, train_loader
 from forge.optim import make_optimizer, make_scheduler
 from forge.precision import autocast
 from forge.recipe import Recipe, build_params, import_recipe_module
 from forge.strategies import make_strategy
+from forge.strategies.memory import memory_events, peak_event, peak_memory
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +102,14 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
     # Same seed everywhere before building: identical init and data splits on every worker.
     seed_everything(spec.seed)
     recipe = build_recipe(spec)
-    strategy = make_strategy(spec.strategy, ctx.rank, ctx.world_size, ctx.device)
+    num_params = sum(p.numel() for p in recipe.model.parameters())  # before any sharding
+    strategy = make_strategy(spec, ctx.rank, ctx.world_size, ctx.device)
     model, optimizer = strategy.setup(
         recipe.model, lambda params: make_optimizer(spec.optim, params)
     )
+    if is_main:  # what the strategy implies per worker, said before the first step
+        for event in memory_events(spec, num_params, ctx.world_size, ctx.device):
+            ctx.on_progress(event)
     loader, sampler = train_loader(
         recipe.train_data, spec.data, ctx.rank, ctx.world_size, spec.seed, recipe.collate_fn
     )
@@ -122,24 +129,42 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
     # Dropout etc. differ per worker; restored exactly from checkpoints on resume.
     torch.manual_seed(spec.seed + 1 + ctx.rank)
 
+    ck = spec.checkpoint
     store = CheckpointStore(
-        plan.run_uri, spec.checkpoint.keep_last, spec.checkpoint.monitor, spec.checkpoint.mode
+        plan.run_uri,
+        ck.keep_last,
+        ck.monitor,
+        ck.mode,
+        keep_best=ck.keep_best,
+        options=StorageOptions.from_spec(spec.storage),
     )
-    state = LoopState()
+    if is_main:  # before anyone writes: leftovers of a crashed attempt (the driver holds the lock)
+        store.clean_uncommitted()
     # The run's own newest checkpoint wins (a restart after a failure); else resume_from.
-    ckpt = store.latest() or (open_checkpoint(plan.resume_from) if plan.resume_from else None)
-    if ckpt is not None:
-        state = restore(ckpt, strategy, model, optimizer, scheduler, ctx.rank)
-        if is_main:
-            ctx.on_progress({"event": "resumed", "step": state.step, "uri": ckpt.uri})
+    ckpt, state = restore_newest(store, plan, strategy, model, optimizer, scheduler, ctx)
+    if ckpt is not None and is_main:
+        ctx.on_progress({"event": "resumed", "step": state.step, "uri": ckpt.uri})
 
     metrics_writer = None
     if is_main:
-        from forge.checkpoint import storage
-        from forge.metrics import MetricsWriter
+        from forge.metrics import open_run_metrics
 
-        # Local storage: straight into the run folder. Remote storage arrives with streaming.
-        metrics_writer = MetricsWriter(storage.normalize(plan.run_uri))
+        # Local storage: straight into the run folder; remote: staged here, uploaded at commits.
+        metrics_writer = open_run_metrics(plan.run_uri, store.options)
+    streamer = CheckpointStreamer(
+        store,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        all_reduce_sum=ctx.all_reduce_sum,
+        gather=ctx.gather,
+        device=ctx.device,
+        max_in_flight=ck.max_in_flight,
+        async_upload=ck.async_upload,
+        on_outage=spec.storage.on_outage,
+        outage_max_s=spec.storage.outage_max_s,
+        on_commit=lambda c: ctx.on_progress({"event": "checkpoint", "step": c.step, "uri": c.uri}),
+        after_commit=(lambda c: metrics_writer.sync()) if metrics_writer is not None else None,
+    )
     ctx.on_progress({"event": "start", "total_steps": total_steps, "step": state.step})
 
     def evaluate() -> dict[str, float]:
@@ -147,26 +172,22 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
             return {}
         return run_eval(recipe, model, spec, ctx)
 
-    def save(metrics: dict[str, float]) -> CommittedCheckpoint | None:
+    def save(metrics: dict[str, float], final: bool = False) -> None:
+        # Training waits only for the host-memory snapshot; serialization, upload and the
+        # commit run in the background (forge.checkpoint.streamer).
         files = strategy.checkpoint_files(model, optimizer)
         files[f"rank{ctx.rank}.safetensors"] = tensors_to_bytes(rng_state())
-        files = {name: data() if callable(data) else data for name, data in files.items()}
         files_sched = {"scheduler_last_epoch": scheduler.last_epoch}
-        committed = store.save(
+        streamer.submit(
             state.step,
             files,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            gather=ctx.gather,
+            final=final,
             strategy=strategy.name,
-            metrics=metrics,
+            metrics=dict(metrics),
             state={**asdict(state), **files_sched},
             config_hash=plan.config_hash,
             git_sha=plan.git_sha,
         )
-        if committed is not None:
-            ctx.on_progress({"event": "checkpoint", "step": state.step, "uri": committed.uri})
-        return committed
 
     step_times: list[float] = []
     loss_sum = torch.zeros(2, device=ctx.device)  # (sum of losses, count) since the last log
@@ -235,6 +256,7 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
             if every and state.step % every == 0 and state.step < total_steps:
                 save(last_val)
                 last_ckpt_step = state.step
+            streamer.poll()  # commits finished uploads; one tiny all-reduce while any is pending
             if state.step >= total_steps:
                 break
 
@@ -243,7 +265,13 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
     if final_val and metrics_writer is not None and not validated_now:
         metrics_writer.log(state.step, final_val)
         ctx.on_progress({"event": "val", "step": state.step, **final_val})
-    last = save(final_val) if last_ckpt_step != state.step else store.latest(verify=False)
+    if last_ckpt_step != state.step:
+        save(final_val, final=True)
+    last = streamer.finish() or store.latest(verify=False)  # every checkpoint committed
+    streamer.close()
+    peaks = ctx.gather(peak_memory(ctx.device))  # every rank: gather is a collective
+    if peaks:
+        ctx.on_progress(peak_event(peaks, ctx.device))
     if metrics_writer is not None:
         metrics_writer.close()
 
@@ -315,6 +343,60 @@ def rng_state() -> dict[str, torch.Tensor]:
     return state
 
 
+def restore_newest(
+    store: CheckpointStore,
+    plan: LaunchPlan,
+    strategy: Any,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    ctx: WorkerContext,
+) -> tuple[CommittedCheckpoint | None, LoopState]:
+    """Restore the newest checkpoint that every rank can load; call on every rank.
+
+    The run's own checkpoints come first (a restart after a failure), else ``plan.resume_from``.
+    Each rank reads only the files it needs and checks their sha256 as it reads; a checkpoint
+    that fails anywhere (truncated, corrupt, a refused pickle) is skipped on every rank, with a
+    warning naming it, and the one before it is used.
+    """
+    candidates = store.candidates()  # newest first; sizes checked by listing, nothing downloaded
+    if not candidates and plan.resume_from:
+        candidates = [open_checkpoint(plan.resume_from, verify=False, options=store.options)]
+    skipped = []
+    for ckpt in candidates:
+        error: CheckpointError | None = None
+        try:
+            state = restore(
+                ckpt, strategy, model, optimizer, scheduler, ctx.rank, world_size=ctx.world_size
+            )
+        except CheckpointError as exc:
+            error = exc
+        votes = torch.tensor(
+            [float(error is not None), float(ckpt.step)], dtype=torch.float64, device=ctx.device
+        )
+        ctx.all_reduce_sum(votes)
+        if votes[1].item() != float(ckpt.step) * ctx.world_size:
+            raise CheckpointError(
+                f"Workers disagree on the newest checkpoint under {store.root} (this one saw "
+                f"{ckpt.uri}); is another run writing to the same run folder?"
+            )
+        if votes[0].item() == 0:
+            return ckpt, state
+        skipped.append(ckpt.uri)
+        if error is not None or ctx.rank == 0:
+            reason = error or "a file another worker needs is corrupt (see that worker's log)."
+            log.warning(
+                "Skipping checkpoint %s: %s Falling back to the one before.", ckpt.uri, reason
+            )
+    if skipped:
+        # The model may hold part of a rejected checkpoint by now: do not train on from there.
+        raise CheckpointError(
+            f"No usable checkpoint: {', '.join(skipped)} could not be loaded (see the warnings "
+            "above). Restore a good copy, or start a new run with another run_name."
+        )
+    return None, LoopState()
+
+
 def restore(
     ckpt: CommittedCheckpoint,
     strategy: Any,
@@ -322,10 +404,17 @@ def restore(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     rank: int,
+    world_size: int | None = None,
 ) -> LoopState:
     """Load model/optimizer through the strategy, then schedule, RNG and data position."""
     strategy.load_checkpoint(model, optimizer, ckpt)
     saved = dict(ckpt.manifest.state)
+    saved_world = ckpt.manifest.world_size
+    if world_size is not None and world_size != saved_world and "batch_in_epoch" in saved:
+        # Workers take every world_size-th sample of the epoch's order, so k batches on each of
+        # N workers consumed its first k*N batches. Keep that global position on the new count,
+        # rounded down to whole batches: at most one global batch is seen twice, none skipped.
+        saved["batch_in_epoch"] = saved["batch_in_epoch"] * saved_world // world_size
     scheduler.last_epoch = saved.pop("scheduler_last_epoch", ckpt.step)
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
     rng_file = f"rank{rank}.safetensors"

@@ -1,9 +1,17 @@
-"""Rank 0's metric log: JSON lines (machine-readable) and TensorBoard, in the run folder."""
+"""Rank 0's metric log: JSON lines (machine-readable) and TensorBoard, in the run folder.
+
+For a run folder in object storage the files are written to a local staging folder and
+uploaded (:meth:`MetricsWriter.sync`) after each checkpoint commit and when the writer closes;
+see :func:`open_run_metrics`.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+import threading
 import time
 from typing import Any
 
@@ -23,8 +31,20 @@ class MetricsWriter:
         1
     """
 
-    def __init__(self, local_dir: str, tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        local_dir: str,
+        tensorboard: bool = True,
+        *,
+        mirror_uri: str | None = None,
+        storage_options: Any = None,
+    ) -> None:
         os.makedirs(local_dir, exist_ok=True)
+        self.local_dir = local_dir
+        self.mirror_uri = mirror_uri
+        self._options = storage_options
+        self._synced: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns)
+        self._sync_lock = threading.Lock()
         self.path = os.path.join(local_dir, "metrics.jsonl")
         self._file = open(self.path, "a", buffering=1)  # line-buffered: tail -f works
         self._tb = None
@@ -41,16 +61,80 @@ class MetricsWriter:
                 if isinstance(value, (int, float)):
                     self._tb.add_scalar(name, value, step)
 
+    def sync(self) -> None:
+        """Upload new or grown files to ``mirror_uri`` (nothing for a local run folder).
+
+        Safe to call from a background thread while :meth:`log` appends: a partly written last
+        line is left for the next sync.
+        """
+        if self.mirror_uri is None:
+            return
+        from forge.checkpoint import storage
+
+        with self._sync_lock:
+            if self._tb is not None and not self._file.closed:
+                self._tb.flush()
+            for folder, _, names in os.walk(self.local_dir):
+                for name in names:
+                    path = os.path.join(folder, name)
+                    rel = os.path.relpath(path, self.local_dir).replace(os.sep, "/")
+                    stat = os.stat(path)
+                    if self._synced.get(rel) == (stat.st_size, stat.st_mtime_ns):
+                        continue
+                    with open(path, "rb") as f:
+                        data = f.read()
+                    if rel == "metrics.jsonl":
+                        data = data[: data.rfind(b"\n") + 1]
+                    storage.write_bytes(storage.join(self.mirror_uri, rel), data, self._options)
+                    self._synced[rel] = (stat.st_size, stat.st_mtime_ns)
+
     def close(self) -> None:
+        """Close the files; a mirrored writer uploads them one last time and drops its staging."""
+        if self._file.closed:
+            return
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self.mirror_uri is not None:
+            self.sync()
+            shutil.rmtree(self.local_dir, ignore_errors=True)
 
     def __enter__(self) -> MetricsWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def open_run_metrics(
+    run_uri: str, storage_options: Any = None, tensorboard: bool = True
+) -> MetricsWriter:
+    """The metrics writer of a run folder, local or in object storage.
+
+    A local run folder is written directly. For a remote one the writer stages files in a
+    temporary folder, continuing the run's existing ``metrics.jsonl`` (a resumed run), and
+    uploads them on :meth:`MetricsWriter.sync` and :meth:`MetricsWriter.close`.
+
+    Example:
+        >>> w = open_run_metrics("memory://doc-metrics/run", tensorboard=False)
+        >>> w.log(1, {"train/loss": 0.5})
+        >>> w.close()
+        >>> from forge.checkpoint import storage
+        >>> storage.read_bytes("memory://doc-metrics/run/metrics.jsonl").count(b"train/loss")
+        1
+    """
+    from forge.checkpoint import storage
+
+    if not storage.is_remote(run_uri):
+        return MetricsWriter(storage.normalize(run_uri), tensorboard)
+    staging = tempfile.mkdtemp(prefix="forge-metrics-")
+    try:
+        previous = storage.read_bytes(storage.join(run_uri, "metrics.jsonl"), storage_options)
+    except FileNotFoundError:
+        previous = b""
+    with open(os.path.join(staging, "metrics.jsonl"), "wb") as f:
+        f.write(previous)
+    return MetricsWriter(staging, tensorboard, mirror_uri=run_uri, storage_options=storage_options)
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -72,6 +73,8 @@ class ConsoleProgress:
             self._print(f"resumed from {event['uri']} at step {event['step']}")
         elif kind == "warning":
             self._print(f"[yellow]warning:[/] {event['message']}")
+        elif kind == "info":
+            self._print(escape(event["message"]))
 
     def _print(self, text: str) -> None:
         (self.bar.console if self.bar is not None else self.console).print(text)
@@ -109,6 +112,8 @@ def print_summary(console: Console, result: Any) -> None:
     table.add_row("step", str(result.global_step))
     if result.step_time_s:
         table.add_row("step time", f"{result.step_time_s * 1000:.1f} ms (median)")
+    if result.time_to_first_step_s:
+        table.add_row("first step after", f"{result.time_to_first_step_s:.1f} s")
     table.add_row("wall time", f"{result.wall_time_s:.1f} s")
     table.add_row("run folder", result.run_dir)
     table.add_row("last checkpoint", str(result.last_checkpoint))

@@ -114,13 +114,16 @@ def write_provenance(
     world_size: int,
     git_sha: str | None,
     git_dirty: bool | None,
+    options: storage.StorageOptions | None = None,
 ) -> None:
-    """Write config.yaml, overrides.txt and run.json into the run folder."""
+    """Write config.yaml, overrides.txt and run.json into the run folder (local or remote)."""
     storage.write_bytes(
-        storage.join(run_uri, "config.yaml"), OmegaConf.to_yaml(OmegaConf.create(config)).encode()
+        storage.join(run_uri, "config.yaml"),
+        OmegaConf.to_yaml(OmegaConf.create(config)).encode(),
+        options,
     )
     storage.write_bytes(
-        storage.join(run_uri, "overrides.txt"), ("\n".join(overrides) + "\n").encode()
+        storage.join(run_uri, "overrides.txt"), ("\n".join(overrides) + "\n").encode(), options
     )
     info = {
         "git_sha": git_sha,
@@ -132,4 +135,6 @@ def write_provenance(
         "world_size": world_size,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    storage.write_bytes(storage.join(run_uri, "run.json"), json.dumps(info, indent=1).encode())
+    storage.write_bytes(
+        storage.join(run_uri, "run.json"), json.dumps(info, indent=1).encode(), options
+    )

@@ -47,3 +47,304 @@ def quiet_console():
     from rich.console import Console
 
     return Console(file=io.StringIO(), width=10_000, soft_wrap=True)
+
+
+# --------------------------------------------------------------------------------------------
+# A real S3-compatible server (moto's, over HTTP on 127.0.0.1), and faults in front of it.
+
+# Fake credentials for the whole session, set before any Ray cluster starts so its workers
+# inherit them: these tests talk only to local servers, never to AWS.
+os.environ.update(
+    {
+        "AWS_ACCESS_KEY_ID": "forge-test",
+        "AWS_SECRET_ACCESS_KEY": "forge-test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MotoProcess:
+    """``python -m moto.server`` on 127.0.0.1 in its own process (kill it to kill the server)."""
+
+    def __init__(self) -> None:
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        self.port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1).close()
+                return
+            except OSError:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    self.kill()
+                    raise RuntimeError("moto server did not start") from None
+                time.sleep(0.1)
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye to open connections, and all its state is gone."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """Endpoint URL of a moto S3 server shared by the session (use a fresh bucket per test)."""
+    server = MotoProcess()
+    try:
+        yield server.endpoint
+    finally:
+        server.kill()
+
+
+def make_bucket(endpoint: str) -> str:
+    """A new, uniquely named bucket on ``endpoint``; returns ``s3://<name>``."""
+    import uuid
+
+    import boto3
+
+    name = f"forge-test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture()
+def s3_bucket(s3_server: str) -> str:
+    """``s3://<fresh bucket>`` on the session's S3 server."""
+    return make_bucket(s3_server)
+
+
+@pytest.fixture()
+def s3_client(s3_server: str):
+    """A plain boto3 client of the session's S3 server, for checking what landed there."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_server)
+
+
+class FaultyS3Proxy:
+    """An HTTP proxy in front of an S3 server that fails requests on purpose.
+
+    * ``fail_every = n``: every n-th request gets ``503 SlowDown`` (or ``fail_status`` with
+      ``fail_code``) instead of reaching the server.
+    * ``kill()`` / ``revive()``: the endpoint dies (open connections reset, new ones refused)
+      and comes back on the same port; the server behind it keeps its state, as S3 does.
+    * ``kill_at_part(n, revive_after_s=None)``: kill when the n-th multipart part arrives.
+    * ``on_part``: called with the part count as each ``UploadPart`` arrives; it may return
+      ``(status, code)`` to answer with that error instead, or raise to drop the connection.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        import threading
+
+        host, port = upstream.split("://", 1)[1].split(":")
+        self.upstream = (host, int(port))
+        self.port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.fail_every = 0
+        self.fail_status = 503
+        self.fail_code = "SlowDown"
+        self.requests = 0
+        self.injected = 0
+        self.parts = 0
+        self.on_part = None
+        self._lock = threading.Lock()
+        self._conns: set = set()
+        self._server = None
+        self._dead = threading.Event()  # set at once by kill(): no request gets through after
+        self.revive()
+
+    # -- control --------------------------------------------------------------------------------
+
+    def revive(self) -> None:
+        import threading
+        from http.server import ThreadingHTTPServer
+
+        proxy = self
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+            def handle_error(self, request, client_address) -> None:
+                pass  # resets and drops are the point
+
+        self._server = Server(("127.0.0.1", self.port), _make_handler(proxy))
+        self._dead.clear()
+        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def kill(self) -> None:
+        import socket
+        import struct
+
+        self._dead.set()
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        with self._lock:
+            conns, self._conns = list(self._conns), set()
+        for conn in conns:  # cut every open connection, as a crashed server's kernel would
+            try:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.shutdown(socket.SHUT_RDWR)  # close() alone waits for the handler's files
+                conn.close()
+            except OSError:
+                pass
+
+    def kill_at_part(self, n: int, revive_after_s: float | None = None) -> None:
+        import threading
+
+        def on_part(count: int) -> None:
+            if count == n:
+                self._dead.set()
+                threading.Thread(target=self.kill, daemon=True).start()
+                if revive_after_s is not None:
+                    threading.Timer(revive_after_s, self.revive).start()
+                raise ConnectionAbortedError("killed")
+
+        self.on_part = on_part
+
+    @property
+    def alive(self) -> bool:
+        return self._server is not None
+
+
+def _make_handler(proxy: FaultyS3Proxy):
+    import http.client
+    from http.server import BaseHTTPRequestHandler
+
+    hop = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connection", "te"}
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            super().setup()
+            with proxy._lock:
+                proxy._conns.add(self.connection)
+
+        def finish(self) -> None:
+            with proxy._lock:
+                proxy._conns.discard(self.connection)
+            try:
+                super().finish()
+            except OSError:
+                pass
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def _body(self) -> bytes:
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                out = bytearray()
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                            pass
+                        return bytes(out)
+                    out += self.rfile.read(size)
+                    self.rfile.readline()
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+        def _reply(self, status: int, headers: list, body: bytes, head: bool) -> None:
+            self.send_response(status)
+            for name, value in headers:
+                self.send_header(name, value)
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+
+        def _proxy(self) -> None:
+            if proxy._dead.is_set():
+                raise ConnectionAbortedError("the endpoint is dead")
+            body = self._body()
+            head = self.command == "HEAD"
+            with proxy._lock:
+                proxy.requests += 1
+                number = proxy.requests
+                is_part = self.command == "PUT" and "partNumber=" in self.path
+                if is_part:
+                    proxy.parts += 1
+                parts = proxy.parts
+            error = None
+            if proxy.fail_every and number % proxy.fail_every == 0:
+                error = (proxy.fail_status, proxy.fail_code)
+            elif is_part and proxy.on_part is not None:
+                error = proxy.on_part(parts)  # may raise: the connection drops, no answer
+            if proxy._dead.is_set():
+                raise ConnectionAbortedError("the endpoint is dead")
+            if error is not None:
+                with proxy._lock:
+                    proxy.injected += 1
+                xml = (
+                    '<?xml version="1.0" encoding="UTF-8"?><Error>'
+                    f"<Code>{error[1]}</Code><Message>injected by the test proxy</Message>"
+                    "<RequestId>forge-test</RequestId></Error>"
+                ).encode()
+                self._reply(
+                    error[0],
+                    [("Content-Type", "application/xml"), ("Content-Length", str(len(xml)))],
+                    xml,
+                    head,
+                )
+                return
+            upstream = http.client.HTTPConnection(*proxy.upstream, timeout=120)
+            try:
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in hop}
+                headers["Content-Length"] = str(len(body))
+                upstream.request(self.command, self.path, body=body, headers=headers)
+                resp = upstream.getresponse()
+                data = resp.read()
+                out = [(k, v) for k, v in resp.getheaders() if k.lower() not in hop]
+                if not head:
+                    out = [(k, v) for k, v in out if k.lower() != "content-length"]
+                    out.append(("Content-Length", str(len(data))))
+                self._reply(resp.status, out, data, head)
+            finally:
+                upstream.close()
+
+        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _proxy
+
+    return Handler
+
+
+@pytest.fixture()
+def s3_proxy(s3_server: str) -> Iterator[FaultyS3Proxy]:
+    """A :class:`FaultyS3Proxy` in front of the session's S3 server (healthy until told)."""
+    proxy = FaultyS3Proxy(s3_server)
+    try:
+        yield proxy
+    finally:
+        proxy.kill()
+
+
+@pytest.fixture()
+def killable_s3() -> Iterator[MotoProcess]:
+    """A moto server of this test's own, in a process the test may SIGKILL."""
+    server = MotoProcess()
+    try:
+        yield server
+    finally:
+        server.kill()

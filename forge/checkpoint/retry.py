@@ -107,7 +107,13 @@ def is_transient(exc: BaseException) -> bool:
             return True
         if isinstance(
             cur,
-            (StorageUnavailableError, FileNotFoundError, PermissionError, FileExistsError, Cancelled),
+            (
+                StorageUnavailableError,
+                FileNotFoundError,
+                PermissionError,
+                FileExistsError,
+                Cancelled,
+            ),
         ):
             return False
         response = getattr(cur, "response", None)  # botocore ClientError
@@ -201,7 +207,9 @@ class RetryPolicy:
         def before_sleep(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             if exc is not None:
-                log.info("storage: %s failed (%s); retry %d", what, describe(exc), state.attempt_number)
+                log.info(
+                    "storage: %s failed (%s); retry %d", what, describe(exc), state.attempt_number
+                )
                 if on_retry is not None:
                     on_retry(exc, state.attempt_number)
 

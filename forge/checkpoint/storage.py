@@ -263,9 +263,7 @@ def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
 
         client, pool = _boto3(options)
         bucket, key = split_s3(uri)
-        return s3.get(
-            client, pool, bucket, key, part_size=options.part_size, policy=options.retry
-        )
+        return s3.get(client, pool, bucket, key, part_size=options.part_size, policy=options.retry)
     fs, path = filesystem(uri, options)
     return _retry(options, lambda: fs.cat_file(path), f"read {uri}")
 
@@ -402,8 +400,7 @@ def probe(uri: str, options: StorageOptions | None = None) -> None:
                 "the config."
             ) from None
         raise ConfigError(
-            f"storage.uri={uri}: checking bucket '{bucket}' at {endpoint} failed: "
-            f"{describe(exc)}"
+            f"storage.uri={uri}: checking bucket '{bucket}' at {endpoint} failed: {describe(exc)}"
         ) from None
 
 

@@ -157,18 +157,12 @@ class CheckpointStore:
         self.mode = mode
         self.keep_best = keep_best
         self.options = options
-        # Manifests never change once written: read each one once.
-        self._manifests: dict[str, Manifest] = {}
-        self._manifests_lock = threading.Lock()
 
     def with_options(self, options: StorageOptions) -> CheckpointStore:
         """The same store, reached with other options (e.g. a more patient retry policy)."""
-        store = CheckpointStore(
+        return CheckpointStore(
             self.run_uri, self.keep_last, self.monitor, self.mode, self.keep_best, options
         )
-        store._manifests = self._manifests
-        store._manifests_lock = self._manifests_lock
-        return store
 
     def step_uri(self, step: int) -> str:
         return storage.join(self.root, step_dir_name(step))
@@ -240,8 +234,6 @@ class CheckpointStore:
         )
         uri = self.step_uri(step)
         storage.write_bytes(storage.join(uri, MANIFEST), manifest.to_json(), self.options)
-        with self._manifests_lock:
-            self._manifests[step_dir_name(step)] = manifest
         pointer = {"step": step, "name": step_dir_name(step)}
         storage.write_bytes(
             storage.join(self.root, POINTER), json.dumps(pointer).encode(), self.options
@@ -296,8 +288,6 @@ class CheckpointStore:
         for ckpt in committed:
             if ckpt.uri not in keep:
                 storage.remove(ckpt.uri, self.options)
-                with self._manifests_lock:
-                    self._manifests.pop(ckpt.uri.rsplit("/", 1)[-1], None)
                 deleted.append(ckpt.uri)
         return deleted
 
@@ -325,18 +315,11 @@ class CheckpointStore:
         for entry in storage.list_dir(self.root, self.options):
             if entry["type"] != "directory" or not entry["name"].startswith("step_"):
                 continue
-            name = entry["name"]
-            uri = storage.join(self.root, name)
-            with self._manifests_lock:
-                manifest = self._manifests.get(name)
-            if manifest is None:
-                try:
-                    manifest = open_checkpoint(uri, verify=False, options=self.options).manifest
-                except CheckpointError:
-                    continue  # never committed: a crash mid-save, invisible by design
-                with self._manifests_lock:
-                    self._manifests[name] = manifest
-            found.append(CommittedCheckpoint(uri, manifest, self.options))
+            uri = storage.join(self.root, entry["name"])
+            try:
+                found.append(open_checkpoint(uri, verify=False, options=self.options))
+            except CheckpointError:
+                continue  # never committed: a crash mid-save, invisible by design
         return sorted(found, key=lambda c: c.step)
 
     def latest(self, verify: bool = True) -> CommittedCheckpoint | None:

@@ -202,8 +202,62 @@ class TrainerSpec(Spec):
         return self
 
 
+class StorageRetrySpec(Spec):
+    max_attempts: PositiveInt = Field(8, description="tries per storage request")
+    max_wait_s: float = Field(120, gt=0, description="seconds one request may spend retrying")
+
+
+# Keys that look like credentials: those come from the AWS chain, never from a saved config.
+_CREDENTIAL_KEYS = ("key", "secret", "token", "password", "credential", "access")
+
+
 class StorageSpec(Spec):
-    uri: str = Field("runs", description="local path or URI where run folders go")
+    uri: str = Field("runs", description="local path, file://, s3://bucket/prefix, memory://")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint; null: AWS")
+    region: str | None = Field(None, description="S3 region; null: the AWS default chain")
+    retry: StorageRetrySpec = StorageRetrySpec()
+    on_outage: Literal["fail", "defer"] = Field(
+        "fail", description="fail the run, or keep training and upload when storage is back"
+    )
+    outage_max_s: float = Field(3600, gt=0, description="defer: longest outage before failing")
+    part_size_mb: int = Field(16, ge=5, le=5120, description="multipart part size (MiB)")
+    max_concurrency: PositiveInt = Field(8, description="parallel part uploads/downloads")
+    break_lock: bool = Field(False, description="take over the run folder's lock")
+    lock_stale_after_s: float = Field(
+        300, gt=0, description="resume=auto takes over a lock without heartbeat this long"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if key not in cls.model_fields and any(w in key.lower() for w in _CREDENTIAL_KEYS):
+                    raise ValueError(
+                        f"storage.{key}: credentials are not configuration (a saved config must "
+                        "never hold them). forge takes them from the standard AWS chain: "
+                        "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance "
+                        f"role. Remove it (~storage.{key})"
+                    )
+        return data
+
+    @model_validator(mode="after")
+    def _s3_options_need_s3(self) -> StorageSpec:
+        if self.endpoint_url is not None and not self.endpoint_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ValueError(
+                f"storage.endpoint_url={self.endpoint_url!r} must start with http:// or https://"
+            )
+        is_s3 = self.uri.startswith(("s3://", "s3a://"))
+        for name in ("endpoint_url", "region"):
+            if getattr(self, name) is not None and not is_s3:
+                raise ValueError(
+                    f"storage.{name} is set but storage.uri={self.uri!r} is not an s3:// URI; "
+                    f"it only applies to S3. Use storage.uri=s3://bucket/prefix, or "
+                    f"storage.{name}=null"
+                )
+        return self
 
 
 class CheckpointSpec(Spec):
@@ -211,6 +265,11 @@ class CheckpointSpec(Spec):
     keep_last: PositiveInt | None = Field(3, description="committed checkpoints to keep")
     monitor: str | None = Field(None, description="metric that picks the best checkpoint")
     mode: Literal["min", "max"] = "min"
+    keep_best: PositiveInt = Field(1, description="with monitor: the k best are kept too")
+    async_upload: bool = Field(True, description="serialize and upload in the background")
+    max_in_flight: PositiveInt = Field(
+        2, description="checkpoints held in memory while uploading; more waits"
+    )
 
 
 class RaySpec(Spec):

@@ -1,6 +1,14 @@
 """Distribution strategies: one backend per file, one small Protocol between them.
 
 The forge loop only talks to a :class:`Strategy`; picking one happens in :func:`make_strategy`.
+
+* ``ddp``: :mod:`forge.strategies.ddp` (full state on every worker)
+* ``fsdp``: :mod:`forge.strategies.fsdp` (FSDP2 ``fully_shard``)
+* ``deepspeed_zero1/2/3[_offload]``: :mod:`forge.strategies.deepspeed`
+
+Shared pieces: :mod:`~forge.strategies.modules` (activation checkpointing and compile, applied
+in one order), :mod:`~forge.strategies.fragments` (the sharded checkpoint format every strategy
+can read, and ``consolidate``), :mod:`~forge.strategies.memory` (bytes per worker, up front).
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import torch
 from torch import nn
 
 from forge.checkpoint.store import CommittedCheckpoint
-from forge.config.specs import StrategySpec
+from forge.config.specs import RunSpec
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 FilePayload = bytes | Callable[[], bytes]
@@ -92,10 +100,33 @@ def host_copy(state: Any) -> Any:
     return state
 
 
-def make_strategy(spec: StrategySpec, rank: int, world_size: int, device: torch.device) -> Strategy:
-    """The strategy named by ``strategy.name``."""
-    if spec.name == "ddp":
+def ensure_process_group(device: torch.device) -> None:
+    """A process group of one when there is none (a single worker): FSDP and DeepSpeed need one.
+
+    Ray Train creates the group for several workers; with one, forge makes an in-process one.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def make_strategy(spec: RunSpec, rank: int, world_size: int, device: torch.device) -> Strategy:
+    """The strategy named by ``strategy.name``; it reads the options of ``spec`` it needs
+    (precision, accumulation and clipping for DeepSpeed's config, ``trainer.compile``...)."""
+    name = spec.strategy.name
+    if name == "ddp":
         from forge.strategies.ddp import DDPStrategy
 
         return DDPStrategy(spec, rank, world_size, device)
-    raise ValueError(f"unknown strategy {spec.name!r}")  # unreachable: specs validate the name
+    if name == "fsdp":
+        from forge.strategies.fsdp import FSDPStrategy
+
+        return FSDPStrategy(spec, rank, world_size, device)
+    if name.startswith("deepspeed_"):
+        from forge.strategies.deepspeed import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(spec, rank, world_size, device)
+    raise ValueError(f"unknown strategy {name!r}")  # unreachable: specs validate the name

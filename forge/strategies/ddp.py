@@ -1,7 +1,8 @@
 """DDP: every worker holds the whole model; gradients are all-reduced in buckets.
 
 Checkpoints: rank 0 writes the (identical) model and optimizer state once; every rank can read
-them back, so a DDP checkpoint resumes on any number of workers.
+them back, so a DDP checkpoint resumes on any number of workers, and under every other strategy.
+DDP also resumes from sharded (FSDP, ZeRO) checkpoints: it assembles the full state from them.
 """
 
 from __future__ import annotations
@@ -20,21 +21,19 @@ from forge.checkpoint.serialize import (
     tensors_to_bytes,
 )
 from forge.checkpoint.store import CommittedCheckpoint
-from forge.config.specs import StrategySpec
+from forge.config.specs import RunSpec
 from forge.precision import autocast
 from forge.strategies import FilePayload, OptimizerFactory, host_copy
-
-MODEL_FILE = "model.safetensors"
-OPTIM_FILE = "optim.pt"
+from forge.strategies.fragments import MODEL_FILE, OPTIM_FILE, StateReader, is_sharded
+from forge.strategies.modules import prepare
 
 
 class DDPStrategy:
     name = "ddp"
 
-    def __init__(
-        self, spec: StrategySpec, rank: int, world_size: int, device: torch.device
-    ) -> None:
-        self.spec = spec
+    def __init__(self, spec: RunSpec, rank: int, world_size: int, device: torch.device) -> None:
+        self.spec = spec.strategy
+        self.run = spec
         self.rank = rank
         self.world_size = world_size
         self.device = device
@@ -43,6 +42,13 @@ class DDPStrategy:
         self, model: nn.Module, make_optimizer: OptimizerFactory
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         model = model.to(self.device)
+        # Activation checkpointing, then compile, then the DDP wrapper (see strategies.modules).
+        prepare(
+            model,
+            activation_checkpointing=self.spec.activation_checkpointing,
+            compile_model=self.run.trainer.compile,
+            block_classes=self.spec.block_classes,
+        )
         if self.world_size > 1 and dist.is_initialized():
             model = DistributedDataParallel(
                 model,
@@ -89,7 +95,31 @@ class DDPStrategy:
     def load_checkpoint(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: CommittedCheckpoint
     ) -> None:
+        module = self.unwrap(model)
+        if is_sharded(ckpt):
+            self._load_sharded(module, optimizer, ckpt)
+            return
         state = bytes_to_tensors(ckpt.read(MODEL_FILE))
-        self.unwrap(model).load_state_dict(state)
+        module.load_state_dict(state)
         if OPTIM_FILE in ckpt.manifest.files:
             optimizer.load_state_dict(bytes_to_object(ckpt.read(OPTIM_FILE), OPTIM_FILE))
+
+    def _load_sharded(
+        self, module: nn.Module, optimizer: torch.optim.Optimizer, ckpt: CommittedCheckpoint
+    ) -> None:
+        """Assemble full weights and optimizer state from every rank's fragments."""
+        names = [name for name, _ in module.named_parameters()]
+        reader = StateReader(ckpt, names)
+        module.load_state_dict({k: reader.full(f"model/{k}") for k in module.state_dict()})
+        if not reader.keys("optim/"):
+            return
+        index = {name: i for i, name in enumerate(names)}
+        groups = []
+        for group in optimizer.state_dict()["param_groups"]:
+            groups.append(dict(group))
+        reader.apply_param_groups(groups)
+        state = {
+            index[name]: {k: reader.full(f"optim/{k}/{name}") for k in reader.optim_keys(name)}
+            for name in names
+        }
+        optimizer.load_state_dict({"state": state, "param_groups": groups})

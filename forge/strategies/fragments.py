@@ -317,7 +317,7 @@ class StateReader:
                 f"{self.ckpt.uri} has {len(saved)} optimizer param groups, the optimizer here "
                 f"has {len(param_groups)}."
             )
-        for live, old in zip(param_groups, saved):
+        for live, old in zip(param_groups, saved, strict=True):
             for name, value in old.items():
                 if name == "params" or name not in live:
                     continue

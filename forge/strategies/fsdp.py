@@ -140,9 +140,7 @@ class FSDPStrategy:
                 for key, value in state.items():
                     state[key] = _fill(value, reader, f"optim/{key}/{fqn}")
             reader.apply_param_groups(optim_state["param_groups"])
-        set_state_dict(
-            model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state
-        )
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
 
 
 def _local_range(value: Any) -> tuple[int, tuple[int, ...]]:
@@ -150,8 +148,10 @@ def _local_range(value: Any) -> tuple[int, tuple[int, ...]]:
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    ok = all(isinstance(p, Replicate) or (isinstance(p, Shard) and p.dim == 0) for p in value.placements)
-    if not ok:
+    placements = value.placements
+    if not all(
+        isinstance(p, Replicate) or (isinstance(p, Shard) and p.dim == 0) for p in placements
+    ):
         raise CheckpointError(f"unsupported DTensor placement {value.placements} for a checkpoint")
     shape, offset = compute_local_shape_and_global_offset(
         value.shape, value.device_mesh, value.placements

@@ -26,6 +26,7 @@ import os
 import resource
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -158,3 +159,61 @@ def describe(estimate: MemoryEstimate, num_params: int, strategy: str, world_siz
     if estimate.offloaded:
         text += f"; {gib(estimate.offloaded)} offloaded to host memory"
     return text
+
+
+def memory_events(
+    spec: Any, num_params: int, world_size: int, device: torch.device
+) -> list[dict[str, Any]]:
+    """Progress events for the start of a run: the estimate, and a warning if it cannot fit.
+
+    Args:
+        spec: The run's :class:`~forge.config.specs.RunSpec`.
+        num_params: Parameters of the model (counted before sharding).
+        world_size: Workers.
+        device: This worker's device (its memory is what the estimate is compared with).
+    """
+    strategy = spec.strategy
+    estimate = estimate_memory(
+        num_params,
+        strategy=strategy.name,
+        precision=spec.trainer.precision,
+        optimizer=spec.optim.name,
+        momentum=spec.optim.momentum,
+        world_size=world_size,
+        sharding=strategy.sharding,
+        offload_optimizer=strategy.offload_optimizer != "none",
+        offload_params=strategy.offload_params != "none",
+    )
+    events: list[dict[str, Any]] = [
+        {"event": "info", "message": describe(estimate, num_params, strategy.name, world_size)}
+    ]
+    total = device_memory(device)
+    if total is not None and estimate.device_total > total:
+        events.append(
+            {
+                "event": "warning",
+                "message": f"the model states alone need {gib(estimate.device_total)} per worker "
+                f"but the {device.type} has {gib(total)}: expect out-of-memory. Shard more "
+                "(strategy=fsdp or deepspeed_zero3), offload (deepspeed_zero3_offload), use "
+                "more workers or trainer.precision=bf16.",
+            }
+        )
+    return events
+
+
+def peak_event(peaks: list[int], device: torch.device) -> dict[str, Any]:
+    """The end-of-run event: each worker's measured peak.
+
+    Example:
+        >>> peak_event([2**30, 2**29], torch.device("cpu"))["message"].split(": ")[1]
+        '1.00 GiB, 512.0 MiB'
+    """
+    what = (
+        "torch.cuda.max_memory_allocated"
+        if device.type == "cuda"
+        else "max RSS of the worker process, runtime included"
+    )
+    return {
+        "event": "info",
+        "message": f"peak memory per worker ({what}): {', '.join(gib(p) for p in peaks)}",
+    }
