@@ -46,6 +46,8 @@ def baseline_loop(config: dict) -> None:
 
     from recipes.digits import DigitsCNN, Params, load_digits_tensors
 
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
     params = Params()
     train_data, _ = load_digits_tensors(params.val_fraction, params.split_seed)
     ctx = ray.train.get_context()
@@ -89,14 +91,16 @@ def baseline_loop(config: dict) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def run_baseline(steps: int, batch_size: int, storage: str, name: str) -> dict[str, float]:
+def run_baseline(
+    steps: int, batch_size: int, storage: str, name: str, threads: int
+) -> dict[str, float]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     t0 = time.time()  # just before the trainer exists; the loop measures its first step from here
     trainer = TorchTrainer(
         baseline_loop,
-        train_loop_config={"steps": steps, "batch_size": batch_size, "t0": t0},
+        train_loop_config={"steps": steps, "batch_size": batch_size, "t0": t0, "threads": threads},
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
         run_config=RunConfig(name=name, storage_path=storage),
     )
@@ -105,8 +109,11 @@ def run_baseline(steps: int, batch_size: int, storage: str, name: str) -> dict[s
 
 
 def run_forge(steps: int, batch_size: int, address: str, storage: str) -> dict[str, float]:
+    from rich.console import Console
+
     import forge
 
+    quiet = Console(file=open(os.devnull, "w"))
     result = forge.train(
         [
             "experiment=digits",
@@ -116,7 +123,8 @@ def run_forge(steps: int, batch_size: int, address: str, storage: str) -> dict[s
             "trainer.val_every_n_steps=0",
             f"ray.address={address}",
             f"storage.uri={storage}/forge",  # run folders go to the bench's temp dir, not ./runs
-        ]
+        ],
+        console=quiet,
     )
     timings = {
         "step_time_s": result.step_time_s,
@@ -164,6 +172,13 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=64, help="per worker")
     parser.add_argument("--repeats", type=int, default=1, help="rounds, alternating order")
     parser.add_argument("--only", choices=["both", "baseline", "forge"], default="both")
+    parser.add_argument(
+        "--baseline-threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads in the baseline's workers; 0 keeps torch's default "
+        "(forge sets one per reserved CPU, so 1 isolates loop overhead from thread contention)",
+    )
     args = parser.parse_args()
     if args.steps <= WARMUP_STEPS + 1:
         parser.error(f"--steps must exceed the {WARMUP_STEPS} warm-up steps")
@@ -190,7 +205,13 @@ def main() -> int:
         for rnd in range(args.repeats):
             for side in sides if rnd % 2 == 0 else sides[::-1]:
                 if side == "baseline":
-                    res = run_baseline(args.steps, args.batch_size, storage, f"baseline-{rnd}")
+                    res = run_baseline(
+                        args.steps,
+                        args.batch_size,
+                        storage,
+                        f"baseline-{rnd}",
+                        args.baseline_threads,
+                    )
                 else:
                     res = run_forge(args.steps, args.batch_size, address, storage)
                 results[side].append(res)
