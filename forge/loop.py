@@ -107,9 +107,6 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
     model, optimizer = strategy.setup(
         recipe.model, lambda params: make_optimizer(spec.optim, params)
     )
-    if is_main:  # what the strategy implies per worker, said before the first step
-        for event in memory_events(spec, num_params, ctx.world_size, ctx.device):
-            ctx.on_progress(event)
     loader, sampler = train_loader(
         recipe.train_data, spec.data, ctx.rank, ctx.world_size, spec.seed, recipe.collate_fn
     )
@@ -166,6 +163,9 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
         after_commit=(lambda c: metrics_writer.sync()) if metrics_writer is not None else None,
     )
     ctx.on_progress({"event": "start", "total_steps": total_steps, "step": state.step})
+    if is_main:  # what the strategy implies per worker, said before the first step
+        for event in memory_events(spec, num_params, ctx.world_size, ctx.device):
+            ctx.on_progress(event)
 
     def evaluate() -> dict[str, float]:
         if recipe.val_data is None:

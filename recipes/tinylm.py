@@ -248,4 +248,5 @@ def build(params: Params) -> forge.Recipe:
         val_data=val_data,
         loss_fn=loss_fn,
         eval_fn=eval_fn,
+        tokens_per_sample=params.block_size,  # forge logs throughput/tokens_per_s
     )

@@ -171,12 +171,14 @@ class FaultyS3Proxy:
         self._conns: set = set()
         self._server = None
         self._dead = threading.Event()  # set at once by kill(): no request gets through after
+        self._switch = threading.RLock()  # kill() and revive() one at a time
         self.revive()
 
     # -- control --------------------------------------------------------------------------------
 
     def revive(self) -> None:
         import threading
+        import time
         from http.server import ThreadingHTTPServer
 
         proxy = self
@@ -188,22 +190,36 @@ class FaultyS3Proxy:
             def handle_error(self, request, client_address) -> None:
                 pass  # resets and drops are the point
 
-        self._server = Server(("127.0.0.1", self.port), _make_handler(proxy))
-        self._dead.clear()
-        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
+        with self._switch:
+            if self._server is not None:
+                return
+            deadline = time.time() + 10
+            while True:
+                try:
+                    server = Server(("127.0.0.1", self.port), _make_handler(proxy))
+                    break
+                except OSError:  # the killed listener's port is not free yet
+                    if time.time() > deadline:
+                        raise
+                    time.sleep(0.05)
+            self._server = server
+            self._dead.clear()
+            threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
 
     def kill(self) -> None:
         import socket
         import struct
 
         self._dead.set()
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        with self._lock:
-            conns, self._conns = list(self._conns), set()
+        with self._switch:
+            server = self._server
+            if server is None:
+                return
+            server.shutdown()
+            server.server_close()
+            self._server = None
+            with self._lock:
+                conns, self._conns = list(self._conns), set()
         for conn in conns:  # cut every open connection, as a crashed server's kernel would
             try:
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -217,8 +233,7 @@ class FaultyS3Proxy:
 
         def on_part(count: int) -> None:
             if count == n:
-                self._dead.set()
-                threading.Thread(target=self.kill, daemon=True).start()
+                self.kill()  # here, in the handler: nothing gets through after this part
                 if revive_after_s is not None:
                     threading.Timer(revive_after_s, self.revive).start()
                 raise ConnectionAbortedError("killed")
@@ -227,7 +242,7 @@ class FaultyS3Proxy:
 
     @property
     def alive(self) -> bool:
-        return self._server is not None
+        return self._server is not None and not self._dead.is_set()
 
 
 def _make_handler(proxy: FaultyS3Proxy):
@@ -348,3 +363,19 @@ def killable_s3() -> Iterator[MotoProcess]:
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture()
+def make_s3_proxy():
+    """Builds a :class:`FaultyS3Proxy` in front of any endpoint; all are stopped at the end."""
+    proxies: list[FaultyS3Proxy] = []
+
+    def make(upstream: str) -> FaultyS3Proxy:
+        proxies.append(FaultyS3Proxy(upstream))
+        return proxies[-1]
+
+    try:
+        yield make
+    finally:
+        for proxy in proxies:
+            proxy.kill()

@@ -6,6 +6,16 @@
 * ``store``     — save → commit → move the ``latest`` pointer → retention; find and verify on resume
 """
 
+from typing import Any
+
 from forge.checkpoint.store import CheckpointStore, CommittedCheckpoint
 
-__all__ = ["CheckpointStore", "CommittedCheckpoint"]
+__all__ = ["CheckpointStore", "CommittedCheckpoint", "consolidate"]
+
+
+def consolidate(uri: str) -> dict[str, Any]:
+    """One full-precision state dict (``{name: tensor}``) from a checkpoint of any strategy and
+    world size, for export and evaluation. See :func:`forge.strategies.fragments.consolidate`."""
+    from forge.strategies.fragments import consolidate as _consolidate  # the sharded format
+
+    return _consolidate(uri)

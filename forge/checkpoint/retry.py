@@ -138,7 +138,7 @@ def is_transient(exc: BaseException) -> bool:
 def describe(exc: BaseException) -> str:
     """A one-line description of a storage error, the innermost useful cause included."""
     text = f"{type(exc).__name__}: {exc}".strip()
-    cause = exc.__cause__ or exc.__context__
+    cause = exc.__cause__  # not __context__: that may be an unrelated error being handled
     if cause is not None and str(cause) and str(cause) not in text:
         text += f" (caused by {type(cause).__name__}: {cause})"
     return text.splitlines()[0] if text else type(exc).__name__
@@ -194,7 +194,7 @@ class RetryPolicy:
             Exception: A non-transient error, as raised by ``fn``.
         """
         started = time.monotonic()
-        stop = tenacity.stop_after_delay(self.max_wait_s)
+        stop = tenacity.stop_before_delay(self.max_wait_s)  # no backoff past the budget
         if self.max_attempts is not None:
             stop = stop | tenacity.stop_after_attempt(self.max_attempts)
 

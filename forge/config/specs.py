@@ -107,6 +107,14 @@ class StrategySpec(Spec):
         None, description="DeepSpeed global batch; must equal data.batch_size x workers x accum"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _offload_by_name(cls, data: Any) -> Any:
+        # deepspeed_zero3_offload means offload, also when built in Python without its YAML.
+        if isinstance(data, dict) and data.get("name") == "deepspeed_zero3_offload":
+            data = {"offload_optimizer": "cpu", "offload_params": "cpu", **data}
+        return data
+
     @property
     def zero_stage(self) -> int | None:
         """The ZeRO stage of a ``deepspeed_*`` strategy, None for the others.

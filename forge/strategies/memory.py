@@ -133,13 +133,15 @@ def peak_memory(device: torch.device) -> int:
 
 
 def gib(n: int) -> str:
-    """``n`` bytes in GiB (or MiB when small), for messages.
+    """``n`` bytes in GiB (MiB or KiB when small), for messages.
 
     Example:
-        >>> gib(3 * 2**30), gib(5 * 2**20)
-        ('3.00 GiB', '5.0 MiB')
+        >>> gib(3 * 2**30), gib(5 * 2**20), gib(6144)
+        ('3.00 GiB', '5.0 MiB', '6.0 KiB')
     """
-    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:.1f} MiB"
+    if n >= GiB / 10:
+        return f"{n / GiB:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 / 10 else f"{n / 1024:.1f} KiB"
 
 
 def describe(estimate: MemoryEstimate, num_params: int, strategy: str, world_size: int) -> str:
@@ -206,7 +208,7 @@ def peak_event(peaks: list[int], device: torch.device) -> dict[str, Any]:
 
     Example:
         >>> peak_event([2**30, 2**29], torch.device("cpu"))["message"].split(": ")[1]
-        '1.00 GiB, 512.0 MiB'
+        '1.00 GiB, 0.50 GiB'
     """
     what = (
         "torch.cuda.max_memory_allocated"

@@ -1,0 +1,265 @@
+"""Benchmark forge's streamed checkpoints against a synchronous save + upload, side by side.
+
+One process trains an MLP whose model + AdamW state is a few hundred MB (``--size-mb``) with
+``--threads`` intra-op threads (1: one forge worker with ``scaling.cpus_per_worker=1``), and
+checkpoints it to a moto S3 server that this script starts on 127.0.0.1. It reports:
+
+1. **Blocked time per checkpoint**: how long the training loop stops at a checkpoint with
+   forge's :class:`~forge.checkpoint.streamer.CheckpointStreamer` (host-memory snapshot, then
+   the ``poll`` calls at the following steps), divided by a **synchronous save + upload** of the
+   same state to the same server (``CheckpointStore.save``: serialize, hash, upload, commit).
+   Target <= 0.05.
+2. **Step time while an upload runs** divided by step time with no upload in flight, from the
+   same training run (the steps alternate between the two states). Target <= 1.10 on 2 cores.
+3. **Upload throughput**: forge's uploader (all files of the checkpoint at once, concurrent
+   multipart parts, sha256 included) vs ``boto3``'s ``upload_file`` with its default
+   ``TransferConfig``, of the same bytes (the files written to a local temp dir first, so they
+   come from the page cache). Target >= 1.0.
+
+The S3 server runs on the same 2 cores as training (in reality it would be remote), so every
+ratio here is pessimistic. Run it from any directory, with the repo's venv active::
+
+    python scripts/bench/checkpoint_stream.py                    # ~300 MB of state, 3 rounds
+    python scripts/bench/checkpoint_stream.py --size-mb 150 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT))
+
+MB = 1e6
+
+
+class MotoServer:
+    """``python -m moto.server`` on a free port of 127.0.0.1."""
+
+    def __init__(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1).close()
+                return
+            except OSError:
+                if time.time() > deadline:
+                    self.stop()
+                    raise RuntimeError("moto server did not start") from None
+                time.sleep(0.1)
+
+    def reset(self) -> None:
+        """Drop every stored object (moto keeps them in memory)."""
+        req = urllib.request.Request(self.endpoint + "/moto-api/reset", method="POST")
+        urllib.request.urlopen(req).close()
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def build(size_mb: float, width: int):
+    """An MLP whose parameters + AdamW moments take about ``size_mb`` MB, one step taken."""
+    import torch
+    from torch import nn
+
+    per_layer = width * width + width
+    layers = max(1, round(size_mb * MB / (3 * 4 * per_layer)))
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return model, opt
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mb", type=float, default=300, help="model + optimizer state")
+    parser.add_argument("--width", type=int, default=2048, help="MLP width")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--repeats", type=int, default=3, help="checkpoints per measurement")
+    parser.add_argument("--every", type=int, default=0, help="steps between checkpoints")
+    parser.add_argument("--part-size-mb", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+
+    import boto3
+    import torch
+
+    from forge.checkpoint import storage
+    from forge.checkpoint.serialize import object_to_bytes, tensors_to_bytes
+    from forge.checkpoint.storage import MiB, StorageOptions
+    from forge.checkpoint.store import CheckpointStore
+    from forge.checkpoint.streamer import CheckpointStreamer
+    from forge.loop import rng_state
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    server = MotoServer()
+    try:
+        client = boto3.client("s3", endpoint_url=server.endpoint)
+
+        def bucket() -> str:
+            server.reset()
+            client.create_bucket(Bucket="bench")
+            return "s3://bench"
+
+        options = StorageOptions(
+            endpoint_url=server.endpoint,
+            part_size=args.part_size_mb * MiB,
+            max_concurrency=args.concurrency,
+        )
+        model, opt = build(args.size_mb, args.width)
+        x = torch.randn(args.batch_size, args.width)
+
+        def train_step() -> None:
+            loss = model(x).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        train_step()  # AdamW state exists from here on
+
+        def snapshot() -> dict:
+            # What DDP's checkpoint_files does: copy state to host memory now (training waits
+            # for this), serialize later (the callables run in the background).
+            model_state = host_copy(model.state_dict())
+            optim_state = host_copy(opt.state_dict())
+            return {
+                "model.safetensors": lambda: tensors_to_bytes(model_state),
+                "optim.pt": lambda: object_to_bytes(optim_state),
+                "rank0.safetensors": tensors_to_bytes(rng_state()),
+            }
+
+        sizes = {n: len(p() if callable(p) else p) for n, p in snapshot().items()}
+        total = sum(sizes.values())
+        print(
+            f"state: {total / MB:.0f} MB ("
+            + ", ".join(f"{n} {s / MB:.0f} MB" for n, s in sizes.items())
+            + f"); torch threads {args.threads}; moto S3 at {server.endpoint}; "
+            f"parts {args.part_size_mb} MiB x {args.concurrency}",
+            flush=True,
+        )
+
+        # -- 1. synchronous save + upload (the baseline) ------------------------------------
+        store = CheckpointStore(f"{bucket()}/sync", keep_last=1, options=options)
+        sync_s = []
+        for i in range(args.repeats):
+            t0 = time.perf_counter()
+            store.save(i + 1, snapshot(), strategy="ddp")
+            sync_s.append(time.perf_counter() - t0)
+            train_step()
+
+        # -- 2. the same checkpoints streamed while training goes on ------------------------
+        store = CheckpointStore(f"{bucket()}/async", keep_last=1, options=options)
+        streamer = CheckpointStreamer(store, max_in_flight=1)
+        for _ in range(3):  # warm-up, and the step time that sets the checkpoint interval
+            t0 = time.perf_counter()
+            train_step()
+        step_s = time.perf_counter() - t0
+        every = args.every or max(10, int(2.5 * median(sync_s) / step_s))
+        blocked: list[float] = []
+        busy, idle = [], []
+        for step in range(1, every * args.repeats + every // 2 + 1):
+            uploading = streamer.in_flight > 0  # serialization/upload running in background
+            t0 = time.perf_counter()
+            train_step()
+            t1 = time.perf_counter()
+            (busy if uploading else idle).append(t1 - t0)
+            if step % every == 0:
+                streamer.submit(step, snapshot(), strategy="ddp")
+                blocked.append(time.perf_counter() - t1)
+            t2 = time.perf_counter()
+            streamer.poll()  # the loop calls it at every step; it counts as blocked time
+            if blocked:
+                blocked[-1] += time.perf_counter() - t2
+        t0 = time.perf_counter()
+        streamer.finish()
+        streamer.close()
+        blocked[-1] += time.perf_counter() - t0
+        assert store.latest().step == every * args.repeats
+
+        # -- 3. upload throughput: forge vs boto3 upload_file -------------------------------
+        data = {n: p() if callable(p) else p for n, p in snapshot().items()}
+        forge_s, boto_s = [], []
+        with tempfile.TemporaryDirectory(prefix="forge-bench-") as tmp:
+            for name, payload in data.items():
+                Path(tmp, name).write_bytes(payload)
+            for i in range(args.repeats):
+                for who in ("forge", "boto3") if i % 2 == 0 else ("boto3", "forge"):
+                    root = bucket()
+                    t0 = time.perf_counter()
+                    if who == "forge":
+                        CheckpointStore(f"{root}/t", options=options).write_files(i, data)
+                        forge_s.append(time.perf_counter() - t0)
+                    else:
+                        for name in data:
+                            client.upload_file(str(Path(tmp, name)), "bench", f"t/{i}/{name}")
+                        boto_s.append(time.perf_counter() - t0)
+        storage.remove(f"{bucket()}/t", options)
+    finally:
+        server.stop()
+
+    blocked_med, sync_med = median(blocked), median(sync_s)
+    busy_med, idle_med = median(busy), median(idle)
+    forge_tp, boto_tp = total / median(forge_s) / MB, total / median(boto_s) / MB
+    print()
+    print(f"checkpoint every {every} steps; {len(blocked)} streamed, {len(sync_s)} synchronous")
+    print(
+        f"1. blocked per checkpoint: {blocked_med:.3f} s (streamed, median; "
+        f"all: {fmt(blocked)}) / synchronous save+upload {sync_med:.2f} s (all: {fmt(sync_s)})"
+    )
+    print(f"   ratio {blocked_med / sync_med:.3f}   (target <= 0.05)")
+    print(
+        f"2. step time during upload {busy_med * 1e3:.1f} ms (median of {len(busy)}) / "
+        f"without {idle_med * 1e3:.1f} ms (median of {len(idle)})"
+    )
+    print(f"   ratio {busy_med / idle_med:.3f}   (target <= 1.10)")
+    print(
+        f"3. upload throughput forge {forge_tp:.0f} MB/s ({fmt(forge_s)}) / "
+        f"boto3 upload_file {boto_tp:.0f} MB/s ({fmt(boto_s)})"
+    )
+    print(f"   ratio {forge_tp / boto_tp:.3f}   (target >= 1.0)")
+
+
+def host_copy(state):
+    import torch
+
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: host_copy(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(host_copy(v) for v in state)
+    return state
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def fmt(values: list[float]) -> str:
+    return ", ".join(f"{v:.2f}s" for v in values)
+
+
+if __name__ == "__main__":
+    main()

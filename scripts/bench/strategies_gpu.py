@@ -1,0 +1,193 @@
+"""Benchmark forge's strategies on one GPU against a bare PyTorch loop: tokens/s and MFU.
+
+The model is ``recipes/tinylm.py`` at GPT-2-124M size (``experiment=tinylm_gpt2_gpu``: 12 layers,
+768 wide, T=1024, bf16, AdamW, clip 1.0, batch 16 per GPU). Four runs of ``--steps`` steps:
+
+* **bare**: a single-GPU PyTorch loop written the usual way (DataLoader over the same windows,
+  ``torch.autocast(bf16)``, fused AdamW, ``clip_grad_norm_``), in this process;
+* **forge ddp**, **forge deepspeed_zero2**, **forge deepspeed_zero3**: ``forge.train`` with
+  ``scaling.num_workers=1`` on a local Ray cluster this script starts once.
+
+Each side reports the median wall time between optimizer steps after ``--warmup`` steps.
+tokens/s = batch x T / step time; MFU = tokens/s x (6N + 12 L d T) / 989.5e12 (H100 SXM dense
+bf16 peak; ``recipes.tinylm.flops_per_token``). Targets, printed with the ratios:
+
+* forge DDP >= 0.98x the bare loop's tokens/s (forge's loop overhead);
+* MFU >= 45% for forge DDP;
+* forge ZeRO-3 >= 0.9x forge DDP (on one GPU ZeRO has nothing to shard; this measures the cost
+  of its machinery).
+
+Run it (GPU machine, from any directory, repo venv active)::
+
+    python scripts/bench/strategies_gpu.py                       # all four, 100 steps each
+    python scripts/bench/strategies_gpu.py --steps 200 --only bare ddp
+    python scripts/bench/strategies_gpu.py --peak-tflops 1979    # another peak (H100 sparse...)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+H100_BF16_PEAK_TFLOPS = 989.5
+TARGETS = {"ddp_vs_bare": 0.98, "mfu": 0.45, "zero3_vs_ddp": 0.9}
+SIDES = ["bare", "ddp", "deepspeed_zero2", "deepspeed_zero3"]
+
+
+def shape(batch_size: int) -> tuple[object, int, float]:
+    """The GPT-2-124M Params, its parameter count and training FLOPs per token."""
+    from omegaconf import OmegaConf
+
+    from recipes.tinylm import Params, TinyLM, flops_per_token, num_params
+
+    cfg = OmegaConf.load(REPO_ROOT / "configs/recipe/tinylm_gpt2.yaml")
+    params = Params(**OmegaConf.to_container(cfg.params))  # type: ignore[arg-type]
+    n = num_params(TinyLM(params))
+    return params, n, flops_per_token(params, n)
+
+
+def run_bare(steps: int, warmup: int, batch_size: int) -> float:
+    """Median seconds per optimizer step of a plain single-GPU loop."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from recipes.tinylm import TinyLM, load_corpus, loss_fn, split_corpus
+
+    params, _, _ = shape(batch_size)
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    train, _ = split_corpus(load_corpus(params.max_files), params.block_size, params.val_fraction)
+    loader = DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=True)
+    model = TinyLM(params).to(device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True
+    )
+    ends: list[float] = []
+    while len(ends) < steps:
+        for x, y in loader:
+            batch = (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = loss_fn(model, batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss.item()  # forge logs the loss too: the same host sync per step
+            ends.append(time.perf_counter())
+            if len(ends) >= steps:
+                break
+    deltas = [b - a for a, b in zip(ends, ends[1:], strict=False)][warmup:]
+    del model, optimizer
+    torch.cuda.empty_cache()
+    return statistics.median(deltas)
+
+
+def run_forge(strategy: str, steps: int, batch_size: int, address: str, storage: str) -> float:
+    """Median seconds per optimizer step of forge.train under ``strategy`` (after warm-up)."""
+    from rich.console import Console
+
+    import forge
+
+    result = forge.train(
+        [
+            "experiment=tinylm_gpt2_gpu",
+            f"strategy={strategy}",
+            "scaling.num_workers=1",
+            f"data.batch_size={batch_size}",
+            f"trainer.max_steps={steps}",
+            "trainer.log_every_n_steps=10",
+            "checkpoint.every_n_steps=0",
+            "trainer.val_every_n_steps=0",
+            f"ray.address={address}",
+            f"storage.uri={storage}/{strategy}",
+        ],
+        console=Console(file=open(os.devnull, "w")),
+    )
+    if result.step_time_s is None:
+        raise SystemExit(f"forge.train ({strategy}) returned no step time")
+    # Training ends with a final checkpoint and validation, outside the timed steps.
+    return result.step_time_s
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=20, help="steps not timed (forge: 20)")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences of T=1024 per step")
+    parser.add_argument("--only", nargs="+", choices=SIDES, default=SIDES)
+    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_PEAK_TFLOPS)
+    args = parser.parse_args()
+    if args.steps <= args.warmup + 1:
+        parser.error(f"--steps must exceed the {args.warmup} warm-up steps")
+    print("command:", shlex.join(sys.orig_argv), flush=True)
+
+    sys.path.insert(0, str(REPO_ROOT))  # forge and recipes, here and in the Ray workers
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])
+    )
+    import torch
+
+    if not torch.cuda.is_available():
+        print("strategies_gpu.py needs a CUDA GPU (it measures bf16 MFU); none found.")
+        return 2
+    params, n_params, flops = shape(args.batch_size)
+    tokens_per_step = args.batch_size * params.block_size  # type: ignore[attr-defined]
+    print(
+        f"model: {n_params / 1e6:.1f}M params, {flops / 1e9:.3f} GFLOP/token, "
+        f"{tokens_per_step} tokens/step, GPU {torch.cuda.get_device_name()}",
+        flush=True,
+    )
+
+    step_s: dict[str, float] = {}
+    if "bare" in args.only:
+        step_s["bare"] = run_bare(args.steps, args.warmup, args.batch_size)
+        print(f"bare: {step_s['bare'] * 1e3:.1f} ms/step", flush=True)
+    forge_sides = [s for s in args.only if s != "bare"]
+    if forge_sides:
+        import ray
+
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        address = ray.get_runtime_context().gcs_address
+        with tempfile.TemporaryDirectory(prefix="forge-bench-") as storage:
+            for strategy in forge_sides:
+                step_s[strategy] = run_forge(
+                    strategy, args.steps, args.batch_size, address, storage
+                )
+                print(f"forge {strategy}: {step_s[strategy] * 1e3:.1f} ms/step", flush=True)
+        ray.shutdown()
+
+    peak = args.peak_tflops * 1e12
+    print(f"\n{'run':<22}{'ms/step':>10}{'tokens/s':>12}{'MFU':>8}")
+    tps = {}
+    for side, seconds in step_s.items():
+        tps[side] = tokens_per_step / seconds
+        mfu = tps[side] * flops / peak
+        label = side if side == "bare" else f"forge {side}"
+        print(f"{label:<22}{seconds * 1e3:>10.1f}{tps[side]:>12,.0f}{mfu:>8.1%}")
+    print()
+    checks = []
+    if "bare" in tps and "ddp" in tps:
+        checks.append(("forge ddp / bare", tps["ddp"] / tps["bare"], TARGETS["ddp_vs_bare"]))
+    if "ddp" in tps:
+        checks.append(("forge ddp MFU", tps["ddp"] * flops / peak, TARGETS["mfu"]))
+    if "ddp" in tps and "deepspeed_zero3" in tps:
+        ratio = tps["deepspeed_zero3"] / tps["ddp"]
+        checks.append(("forge zero3 / forge ddp", ratio, TARGETS["zero3_vs_ddp"]))
+    if "ddp" in tps and "deepspeed_zero2" in tps:
+        print(f"forge zero2 / forge ddp: {tps['deepspeed_zero2'] / tps['ddp']:.3f} (no target)")
+    for label, value, target in checks:
+        verdict = "ok" if value >= target else "BELOW TARGET"
+        print(f"{label}: {value:.3f} (target >= {target}) {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
