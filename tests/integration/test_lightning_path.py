@@ -68,6 +68,7 @@ def test_lightning_recipe_trains_validates_and_checkpoints(ray_cluster, tmp_path
     assert "checkpoint committed" in console and "Training finished" in console
 
 
+@pytest.mark.slow  # ~70 s; the default run keeps the Lightning train test and the loop resume test
 def test_lightning_resume_continues_from_the_saved_step(ray_cluster, tmp_path, quiet_console):
     # A row every step: the rows show exactly which optimizer steps each run executed.
     base = overrides(

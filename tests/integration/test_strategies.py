@@ -209,6 +209,7 @@ def test_reshard_two_workers_to_three(trained, ray_cluster, tmp_path, quiet_cons
     assert_same_curve(fsdp, zero3, "fsdp vs deepspeed_zero3 on 3 workers")
 
 
+@pytest.mark.slow  # the default run keeps 2 -> 3; unit tests cover 2 -> 1 in one process
 def test_reshard_two_workers_to_one(trained, ray_cluster, tmp_path, quiet_console) -> None:
     curve = reshard(trained, ray_cluster, tmp_path, quiet_console, "deepspeed_zero3", 1)
     # No restart: the first resumed loss is close to where training was, not the initial loss.
