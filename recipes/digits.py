@@ -51,7 +51,9 @@ class DigitsCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def load_digits_tensors(val_fraction: float, split_seed: int) -> tuple[TensorDataset, TensorDataset]:
+def load_digits_tensors(
+    val_fraction: float, split_seed: int
+) -> tuple[TensorDataset, TensorDataset]:
     """The digits images as float tensors in [0, 1], split into train and validation sets."""
     from sklearn.datasets import load_digits
 
