@@ -175,7 +175,8 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
     def save(metrics: dict[str, float], final: bool = False) -> None:
         # Training waits only for the host-memory snapshot; serialization, upload and the
         # commit run in the background (forge.checkpoint.streamer).
-        files = strategy.checkpoint_files(model, optimizer)
+        with streamer.snapshot():  # host copies into reused buffers
+            files = strategy.checkpoint_files(model, optimizer)
         files[f"rank{ctx.rank}.safetensors"] = tensors_to_bytes(rng_state())
         files_sched = {"scheduler_last_epoch": scheduler.last_epoch}
         streamer.submit(

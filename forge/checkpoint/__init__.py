@@ -4,6 +4,10 @@
 * ``serialize`` — tensors as safetensors, other state through ``torch.load(weights_only=True)``
 * ``manifest``  — ``manifest.json``: each file's size and sha256; writing it *is* the commit
 * ``store``     — save → commit → move the ``latest`` pointer → retention; find and verify on resume
+* ``streamer``  — the same in the background: training waits only for the host-memory snapshot
+* ``retry``     — the one place storage errors are classified (transient or not) and retried
+* ``s3``        — concurrent multipart uploads and ranged downloads for ``s3://``
+* ``lock``      — one run per run folder (``_forge.lock``, a conditional write)
 """
 
 from typing import Any

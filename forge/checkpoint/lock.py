@@ -3,8 +3,9 @@
 The driver creates it with a conditional write (S3 ``If-None-Match: *``, ``O_EXCL`` locally)
 before any worker starts, refreshes a heartbeat in it while the run goes on, and deletes it at
 the end. A second run on the same folder is refused with a message naming the holder. A lock
-left by a run that died (no heartbeat for ``stale_after_s``) is taken over by ``resume=auto``;
-``storage.break_lock=true`` takes over any lock.
+left by a run that died (no heartbeat for ``stale_after_s``) is taken over by ``resume=auto``,
+one whose process is gone from this very host by any run, and ``storage.break_lock=true``
+takes over any lock.
 """
 
 from __future__ import annotations
@@ -88,14 +89,18 @@ class RunLock:
             held = lock._read()
             if held is None:
                 continue
+            if held.get("token") == info["token"]:
+                break  # our own write, answered 412 on a retry after a lost response
             age = time.time() - float(held.get("heartbeat_at", 0))
-            if break_lock or (take_over_stale and age > stale_after_s):
+            if break_lock or (take_over_stale and age > stale_after_s) or _holder_is_dead(held):
                 log.warning(
-                    "Taking over the lock of %s from %s (last heartbeat %.0f s ago%s).",
+                    "Taking over the lock of %s from %s (last heartbeat %.0f s ago; %s).",
                     run_uri,
                     _holder(held),
                     age,
-                    ", storage.break_lock=true" if break_lock else "",
+                    "storage.break_lock=true"
+                    if break_lock
+                    else ("that process is gone" if _holder_is_dead(held) else "stale"),
                 )
                 storage.remove(lock.uri, options)
                 continue
@@ -162,6 +167,19 @@ class RunLock:
                 storage.write_bytes(self.uri, self._payload(), self.options)
             except Exception as exc:
                 log.info("lock heartbeat of %s failed: %s", self.uri, exc)
+
+
+def _holder_is_dead(info: dict[str, Any]) -> bool:
+    """True when the lock was taken on this host by a process that no longer exists."""
+    if info.get("host") != platform.node() or not isinstance(info.get("pid"), int):
+        return False
+    try:
+        os.kill(info["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _holder(info: dict[str, Any]) -> str:

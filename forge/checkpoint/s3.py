@@ -109,7 +109,10 @@ def put(
         return
     upload_id = call(
         policy,
-        lambda: client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"],
+        # CRC32 per part, recorded in the completed object (as boto3's own transfers do).
+        lambda: client.create_multipart_upload(Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32")[
+            "UploadId"
+        ],
         "start multipart upload",
         uri,
         cancel,
@@ -134,7 +137,10 @@ def put(
             uri,
             stop,
         )
-        return {"PartNumber": number, "ETag": out["ETag"]}
+        part = {"PartNumber": number, "ETag": out["ETag"]}
+        if out.get("ChecksumCRC32"):
+            part["ChecksumCRC32"] = out["ChecksumCRC32"]
+        return part
 
     futures: list[Future[dict[str, Any]]] = []
     try:

@@ -269,6 +269,7 @@ def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
 
 
 def exists(uri: str, options: StorageOptions | None = None) -> bool:
+    """Whether anything (an object or a folder) is at ``uri``."""
     fs, path = filesystem(uri, options)
     return _retry(options, lambda: fs.exists(path), f"stat {uri}")
 

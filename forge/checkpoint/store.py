@@ -165,6 +165,7 @@ class CheckpointStore:
         )
 
     def step_uri(self, step: int) -> str:
+        """The folder of the checkpoint at ``step``, committed or not."""
         return storage.join(self.root, step_dir_name(step))
 
     # -- writing -------------------------------------------------------------------------------
@@ -185,9 +186,9 @@ class CheckpointStore:
 
         def one(name: str, payload: Payload) -> tuple[str, FileEntry]:
             data = payload() if callable(payload) else payload
-            entry = FileEntry.of(data)
+            entry = _hasher().submit(FileEntry.of, data)  # sha256 while the bytes go up
             storage.write_bytes(storage.join(uri, name), data, self.options, cancel=cancel)
-            return name, entry
+            return name, entry.result()
 
         items = list(files.items())
         if len(items) <= 1:
@@ -368,6 +369,19 @@ class CheckpointStore:
         """The committed checkpoint with the best ``monitor`` metric, if one is configured."""
         top = self.top(1, committed)
         return top[0] if top else None
+
+
+_hash_pool: ThreadPoolExecutor | None = None
+_hash_pool_lock = threading.Lock()
+
+
+def _hasher() -> ThreadPoolExecutor:
+    """Threads that hash files while they upload (hashlib releases the GIL)."""
+    global _hash_pool
+    with _hash_pool_lock:
+        if _hash_pool is None:
+            _hash_pool = ThreadPoolExecutor(_FILE_CONCURRENCY, thread_name_prefix="forge-sha")
+        return _hash_pool
 
 
 def _warn_skip(ckpt: CommittedCheckpoint, exc: Exception) -> None:

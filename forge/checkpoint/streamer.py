@@ -25,11 +25,12 @@ pending queue changes only through decisions taken on all-reduced values.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,7 @@ import torch
 
 from forge.checkpoint.manifest import FileEntry
 from forge.checkpoint.retry import RetryPolicy, describe
+from forge.checkpoint.staging import HostStaging, Lease
 from forge.checkpoint.storage import DEFAULT_OPTIONS
 from forge.checkpoint.store import CheckpointStore, CommittedCheckpoint, GatherFn, Payload
 from forge.errors import CheckpointError
@@ -129,11 +131,21 @@ class CheckpointStreamer:
         self.last: CommittedCheckpoint | None = None  # newest committed by this streamer (rank 0)
         self._pending: collections.deque[_Pending] = collections.deque()
         self._cancel = threading.Event()
+        self._staging = HostStaging()
+        self._lease: Lease | None = None  # of the snapshot the next submit() takes
         self._uploads = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="forge-ckpt")
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="forge-commit")
         self._closed = False
 
     # -- the training loop's side (main thread, every rank) -------------------------------------
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Wrap the strategy's ``checkpoint_files``: its host copies then reuse the buffers of
+        an earlier snapshot whose upload has finished (a memcpy instead of page faults)."""
+        with self._staging.lease() as lease:
+            yield
+        self._lease = lease
 
     def submit(
         self, step: int, files: Mapping[str, Payload], *, final: bool = False, **meta: Any
@@ -150,6 +162,7 @@ class CheckpointStreamer:
             full = self._tensor([float(self._in_flight() >= self.max_in_flight)])
             self.all_reduce_sum(full)
             if full.item() > 0:
+                self._release_lease(self._take_lease())
                 if self.rank == 0:
                     oldest = self._pending[0].step if self._pending else None
                     log.warning(
@@ -164,7 +177,7 @@ class CheckpointStreamer:
         else:
             self._wait_for_slot()
         snapshot = dict(files)
-        future = self._uploads.submit(self._upload, step, snapshot)
+        future = self._uploads.submit(self._upload, step, snapshot, self._take_lease())
         self._pending.append(_Pending(step, meta, future))
         if not self.async_upload:
             self.finish()
@@ -226,11 +239,22 @@ class CheckpointStreamer:
                 return_when=FIRST_COMPLETED,
             )
 
-    def _upload(self, step: int, files: dict[str, Payload]) -> dict[str, FileEntry]:
+    def _take_lease(self) -> Lease | None:
+        lease, self._lease = self._lease, None
+        return lease
+
+    def _release_lease(self, lease: Lease | None) -> None:
+        if lease is not None:
+            self._staging.release(lease)
+
+    def _upload(
+        self, step: int, files: dict[str, Payload], lease: Lease | None
+    ) -> dict[str, FileEntry]:
         try:
             return self.store.write_files(step, files, cancel=self._cancel)
         finally:
-            files.clear()  # the snapshot's memory goes as soon as its bytes have landed
+            files.clear()  # the snapshot's memory goes as soon as its bytes have landed ...
+            self._release_lease(lease)  # ... or back to the pool, for the next snapshot
 
     def _commit(self, pending: _Pending, all_entries: list[dict[str, FileEntry]]) -> Any:
         ckpt = self.store.commit(
@@ -247,7 +271,8 @@ class CheckpointStreamer:
         head = self._pending[0]
         if block:
             if not head.gathered:
-                wait([head.upload])
+                while not wait([head.upload], timeout=2.0).done:
+                    self._warn_if_slow(head)
             elif head.commit is not None:
                 wait([head.commit])
         flags = [0.0, 0.0, 0.0, 0.0]  # uploaded, upload failed, committed, commit failed

@@ -92,7 +92,10 @@ def host_copy(state: Any) -> Any:
         [1.0, 1.0]
     """
     if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
+        # Into a buffer of an earlier snapshot when the checkpoint streamer offers one.
+        from forge.checkpoint.staging import copy_to_host
+
+        return copy_to_host(state)
     if isinstance(state, dict):
         return {k: host_copy(v) for k, v in state.items()}
     if isinstance(state, (list, tuple)):

@@ -184,6 +184,27 @@ def test_the_snapshot_is_released_once_uploaded() -> None:
     streamer.close()
 
 
+def test_snapshots_reuse_host_buffers_without_mixing_checkpoints() -> None:
+    from forge.checkpoint.serialize import bytes_to_tensors, tensors_to_bytes
+    from forge.strategies import host_copy
+
+    store = memory_store()
+    weights = torch.zeros(256)
+    ptrs = []
+    with CheckpointStreamer(store, max_in_flight=1) as streamer:
+        for step in (1, 2, 3):
+            weights.fill_(step)
+            with streamer.snapshot():
+                state = host_copy({"w": weights})
+            ptrs.append(state["w"].data_ptr())
+            streamer.submit(step, {"m": lambda s=state: tensors_to_bytes(s)}, strategy="t")
+            weights.fill_(-1)  # training goes on: the snapshot must not see this
+            streamer.finish()
+    assert ptrs[1] == ptrs[2]  # the third snapshot reused the second's buffer (a memcpy)
+    for ckpt in store.committed():
+        assert bytes_to_tensors(ckpt.read("m"))["w"].unique().tolist() == [float(ckpt.step)]
+
+
 # --------------------------------------------------------------------------------------------
 # two ranks
 

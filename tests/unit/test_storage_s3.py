@@ -301,3 +301,18 @@ def test_probe_hides_credentials_in_an_endpoint_url(s3_server) -> None:
 def test_probe_passes_for_a_good_bucket(s3_server, s3_bucket) -> None:
     storage.probe(f"{s3_bucket}/runs", opts(s3_server))
     storage.probe("memory://anything")  # only remote object stores are probed
+
+
+def test_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path, caplog) -> None:
+    import platform
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid now names no process (pids are not reused this fast)
+    info = {"token": "t", "host": platform.node(), "pid": dead.pid, "heartbeat_at": time.time()}
+    run = str(tmp_path / "run")
+    storage.write_bytes(f"{run}/{LOCK_NAME}", json.dumps(info).encode())
+    with caplog.at_level(logging.WARNING, logger="forge.checkpoint.lock"):
+        RunLock.acquire(run, heartbeat_s=None).release()  # a fresh run, no break_lock needed
+    assert "that process is gone" in caplog.text
