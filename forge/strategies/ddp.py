@@ -22,7 +22,13 @@ from forge.checkpoint.serialize import (
 )
 from forge.checkpoint.store import CommittedCheckpoint
 from forge.config.specs import RunSpec
-from forge.precision import autocast
+from forge.precision import (
+    autocast,
+    grad_scaler,
+    grad_scaler_files,
+    load_grad_scaler,
+    scaled_step,
+)
 from forge.strategies import FilePayload, OptimizerFactory, host_copy
 from forge.strategies.fragments import MODEL_FILE, OPTIM_FILE, StateReader, is_sharded
 from forge.strategies.modules import prepare
@@ -37,6 +43,7 @@ class DDPStrategy:
         self.rank = rank
         self.world_size = world_size
         self.device = device
+        self.scaler = grad_scaler(spec.trainer.precision, device)
 
     def setup(
         self, model: nn.Module, make_optimizer: OptimizerFactory
@@ -66,15 +73,13 @@ class DDPStrategy:
         return autocast(precision, self.device)
 
     def backward(self, model: nn.Module, loss: torch.Tensor, accumulation: int) -> None:
-        (loss / accumulation).backward()
+        self.scaler.scale(loss / accumulation).backward()
 
     def optimizer_step(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, clip_norm: float | None
     ) -> None:
-        if clip_norm is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        # DDP's gradients are identical on every rank: every rank skips the same fp16 steps.
+        scaled_step(self.scaler, model.parameters(), optimizer, clip_norm)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if isinstance(model, DistributedDataParallel) else model
@@ -90,12 +95,14 @@ class DDPStrategy:
         return {
             MODEL_FILE: lambda: tensors_to_bytes(model_state),
             OPTIM_FILE: lambda: object_to_bytes(optim_state),
+            **grad_scaler_files(self.scaler, self.rank),
         }
 
     def load_checkpoint(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: CommittedCheckpoint
     ) -> None:
         module = self.unwrap(model)
+        load_grad_scaler(self.scaler, ckpt)
         if is_sharded(ckpt):
             self._load_sharded(module, optimizer, ckpt)
             return

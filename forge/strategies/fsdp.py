@@ -13,6 +13,7 @@ shards from any checkpoint (any world size, any strategy) and hands them to ``se
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
@@ -22,7 +23,13 @@ from torch import nn
 from forge.checkpoint.store import CommittedCheckpoint
 from forge.config.specs import RunSpec
 from forge.errors import CheckpointError
-from forge.precision import autocast
+from forge.precision import (
+    autocast,
+    grad_scaler,
+    grad_scaler_files,
+    load_grad_scaler,
+    scaled_step,
+)
 from forge.strategies import FilePayload, OptimizerFactory, ensure_process_group
 from forge.strategies.fragments import ShardWriter, StateReader, jsonable, tied_names
 from forge.strategies.modules import prepare
@@ -38,6 +45,13 @@ class FSDPStrategy:
         self.rank = rank
         self.world_size = world_size
         self.device = device
+        self.scaler = grad_scaler(spec.trainer.precision, device, sharded=True)
+        if self.scaler.is_enabled():
+            # The sharded scaler's inf check hands DTensor a (1,)-shaped flag and torch warns
+            # about it on every fp16 step; the flag is all-reduced by the scaler, so it is moot.
+            warnings.filterwarnings(
+                "ignore", message="Found a non-scalar tensor with numel=1", category=UserWarning
+            )
 
     def setup(
         self, model: nn.Module, make_optimizer: OptimizerFactory
@@ -81,15 +95,14 @@ class FSDPStrategy:
         return autocast(precision, self.device)
 
     def backward(self, model: nn.Module, loss: torch.Tensor, accumulation: int) -> None:
-        (loss / accumulation).backward()
+        self.scaler.scale(loss / accumulation).backward()
 
     def optimizer_step(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, clip_norm: float | None
     ) -> None:
-        if clip_norm is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), clip_norm)  # global norm over DTensors
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        # Clipping takes the global norm over DTensor shards; the sharded scaler agrees across
+        # ranks on whether an fp16 step overflowed.
+        scaled_step(self.scaler, model.parameters(), optimizer, clip_norm)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model  # fully_shard changes the module in place; its parameters are DTensors
@@ -113,7 +126,7 @@ class FSDPStrategy:
         if self.rank == 0:
             writer.meta["param_groups"] = jsonable(optim_state["param_groups"])
             writer.meta["aliases"] = aliases
-        return writer.files()
+        return {**writer.files(), **grad_scaler_files(self.scaler, self.rank)}
 
     def _add(self, writer: ShardWriter, key: str, value: Any) -> None:
         from torch.distributed.tensor import DTensor
@@ -129,6 +142,7 @@ class FSDPStrategy:
     ) -> None:
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+        load_grad_scaler(self.scaler, ckpt)
         names = [name for name, _ in model.named_parameters()]
         reader = StateReader(ckpt, names, tied_names(model))
         # The live state dicts are the template: names, shapes and this rank's layout.
