@@ -268,6 +268,19 @@ def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
     return _retry(options, lambda: fs.cat_file(path), f"read {uri}")
 
 
+def local_path(uri: str, options: StorageOptions | None = None) -> str | None:
+    """The path of ``uri`` on this machine's file system, or None when it is remote.
+
+    Example:
+        >>> local_path("/tmp/run/ckpt"), local_path("s3://bucket/run")
+        ('/tmp/run/ckpt', None)
+    """
+    if is_s3(uri):
+        return None
+    fs, path = filesystem(uri, options)
+    return path if _is_local(fs) else None
+
+
 def exists(uri: str, options: StorageOptions | None = None) -> bool:
     """Whether anything (an object or a folder) is at ``uri``."""
     fs, path = filesystem(uri, options)

@@ -17,8 +17,10 @@ in the background while training goes on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -61,13 +63,17 @@ class CommittedCheckpoint:
     def step(self) -> int:
         return self.manifest.step
 
-    def read(self, name: str) -> bytes:
-        """Read one file, verifying its size and sha256 against the manifest."""
+    def _entry(self, name: str) -> FileEntry:
         entry = self.manifest.files.get(name)
         if entry is None:
             raise CheckpointError(
                 f"{self.uri} has no file {name!r} (it has {sorted(self.manifest.files)})."
             )
+        return entry
+
+    def read(self, name: str) -> bytes:
+        """Read one file, verifying its size and sha256 against the manifest."""
+        entry = self._entry(name)
         try:
             data = storage.read_bytes(storage.join(self.uri, name), self.options)
         except FileNotFoundError:
@@ -78,6 +84,35 @@ class CommittedCheckpoint:
                 f"(size {len(data)} vs {entry.size}, or sha256 differs): the file is corrupt."
             )
         return data
+
+    def local_file(self, name: str, workdir: Callable[[], str]) -> str:
+        """A verified file on this machine with ``name``'s bytes, for memory-mapped reads.
+
+        On local storage that is the file itself (hashed in chunks, never held in memory);
+        remote files are downloaded and verified once, then written into the folder that
+        ``workdir()`` returns.
+        """
+        path = storage.local_path(storage.join(self.uri, name), self.options)
+        if path is None:
+            target = os.path.join(workdir(), name)
+            with open(target, "wb") as f:
+                f.write(self.read(name))
+            return target
+        entry = self._entry(name)
+        digest, size = hashlib.sha256(), 0
+        try:
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+                    size += len(chunk)
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.uri}: {name} is missing.") from None
+        if FileEntry(size=size, sha256=digest.hexdigest()) != entry:
+            raise CheckpointError(
+                f"{path} does not match its manifest (size {size} vs {entry.size}, or sha256 "
+                "differs): the file is corrupt."
+            )
+        return path
 
     def verify_sizes(self) -> None:
         """Check that every listed file exists with its size (one listing, no download)."""

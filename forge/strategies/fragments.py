@@ -25,6 +25,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+import tempfile
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -137,8 +140,12 @@ class ShardWriter:
 class StateReader:
     """Model and optimizer state of a committed checkpoint, by key and flat range.
 
-    Reads forge's sharded format (fetching a shard only when a requested range overlaps it)
-    and DDP's full-state files alike, so every strategy can resume from every checkpoint.
+    Reads forge's sharded format and DDP's full-state files alike, so every strategy can resume
+    from every checkpoint. A shard is fetched only when a requested range overlaps it, and then
+    memory-mapped (remote ones are downloaded into a temporary folder first): a rank holds in
+    memory only the ranges it reads, not whole shards, when it reshards or assembles full
+    weights (ZeRO-1/2). :meth:`close` (or the end of a ``with`` block, or garbage collection)
+    releases the maps and deletes downloaded files.
 
     Args:
         ckpt: The checkpoint.
@@ -157,10 +164,14 @@ class StateReader:
         self.ckpt = ckpt
         self.aliases = dict(aliases or {})
         self.meta: dict[str, Any] = {}
-        # key -> [(file or None, start, numel)]; file None: already in self._loaded[None]
+        # key -> [(file or None, start, numel)]; file None: already in self._loaded
         self.where: dict[str, list[tuple[str | None, int, int]]] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
-        self._loaded: dict[str | None, dict[str, torch.Tensor]] = {None: {}}
+        # Full-state files (DDP's) are read whole; shards are memory-mapped and sliced, so a
+        # rank materializes only the ranges it asks for, however many shards it overlaps.
+        self._loaded: dict[str, torch.Tensor] = {}
+        self._shards: dict[str, Any] = {}  # file -> safetensors safe_open handle
+        self._workdir: str | None = None  # downloaded shards of a remote checkpoint
         self._optim_keys: dict[str, list[str]] | None = None
         if is_sharded(ckpt):
             self._index_shards()
@@ -217,8 +228,27 @@ class StateReader:
 
     def _put(self, key: str, tensor: torch.Tensor) -> None:
         self.shapes[key] = tuple(tensor.shape)
-        self._loaded[None][key] = tensor.reshape(-1)
+        self._loaded[key] = tensor.reshape(-1)
         self.where[key] = [(None, 0, tensor.numel())]
+
+    def _make_workdir(self) -> str:
+        if self._workdir is None:
+            self._workdir = tempfile.mkdtemp(prefix="forge-shards-")
+            weakref.finalize(self, shutil.rmtree, self._workdir, True)
+        return self._workdir
+
+    def close(self) -> None:
+        """Drop the memory maps and any downloaded shard files (also done when collected)."""
+        self._shards.clear()
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def __enter__(self) -> StateReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -267,10 +297,10 @@ class StateReader:
             lo, hi = max(start, f_start), min(start + numel, f_start + f_numel)
             if lo >= hi:
                 continue
-            frag = self._tensors(file)[key]
+            frag = self._slice(file, key, lo - f_start, hi - f_start)
             if out is None:
                 out = torch.empty(numel, dtype=frag.dtype)
-            out[lo - start : hi - start] = frag[lo - f_start : hi - f_start]
+            out[lo - start : hi - start] = frag
             pieces.append((lo, hi))
         covered, end = 0, start  # length of the union of the pieces (replicas may overlap)
         for lo, hi in sorted(pieces):
@@ -287,11 +317,19 @@ class StateReader:
         """The whole tensor ``key`` in its saved shape."""
         return self.read(key).reshape(self.shape(key))
 
-    def _tensors(self, file: str | None) -> dict[str, torch.Tensor]:
-        if file not in self._loaded:
-            assert file is not None
-            self._loaded[file] = bytes_to_tensors(self.ckpt.read(file))
-        return self._loaded[file]
+    def _slice(self, file: str | None, key: str, lo: int, hi: int) -> torch.Tensor:
+        """Elements ``[lo, hi)`` of the fragment of ``key`` stored in ``file``."""
+        if file is None:
+            return self._loaded[key][lo:hi]
+        if file not in self._shards:
+            from safetensors import safe_open
+
+            path = self.ckpt.local_file(file, self._make_workdir)
+            try:
+                self._shards[file] = safe_open(path, framework="pt", device="cpu")
+            except Exception as exc:  # verified bytes that safetensors rejects: a bad writer
+                raise CheckpointError(f"{self.ckpt.uri}/{file} is not safetensors: {exc}") from None
+        return self._shards[file].get_slice(key)[lo:hi]
 
     # -- optimizer hyper-parameters ----------------------------------------------------------
 

@@ -285,6 +285,39 @@ def test_fragments_assemble_any_range_from_any_split(tmp_path: Path) -> None:
         StateReader(partial).read("model/w", 9, 5)
 
 
+def test_shards_are_memory_mapped_and_remote_ones_cleaned_up(tmp_path: Path) -> None:
+    """Local shards are read in place (verified, never copied); remote ones are downloaded
+    once into a temporary folder that closing the reader deletes. A shard whose bytes differ
+    from the manifest is refused, not read."""
+    w0, w1 = ShardWriter(0, 2), ShardWriter(1, 2)
+    w0.add("model/w", torch.zeros(6), shape=(12,), start=0)
+    w1.add("model/w", torch.ones(6), shape=(12,), start=6)
+    files = {n: f() for w in (w0, w1) for n, f in w.files().items()}
+
+    local = CheckpointStore(str(tmp_path / "local")).save(1, files, strategy="fsdp")
+    with StateReader(local) as reader:
+        assert reader.read("model/w", 4, 4).tolist() == [0.0, 0.0, 1.0, 1.0]
+        assert reader._workdir is None
+
+    remote = CheckpointStore("memory://test-lazy/run").save(1, files, strategy="fsdp")
+    reader = StateReader(remote)
+    assert reader.read("model/w", 5, 2).tolist() == [0.0, 1.0]
+    workdir = Path(str(reader._workdir))
+    assert sorted(p.name for p in workdir.iterdir()) == [
+        "shard-00000-of-00002.safetensors",
+        "shard-00001-of-00002.safetensors",
+    ]
+    reader.close()
+    assert not workdir.exists()
+
+    shard = tmp_path / "local/checkpoints/step_00000001/shard-00001-of-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match its manifest"):
+        StateReader(local).read("model/w", 4, 4)
+
+
 @pytest.mark.slow
 def test_compile_keeps_names_and_losses(tmp_path: Path) -> None:
     """trainer.compile=true (per block, before sharding) trains the same and checkpoints under
