@@ -17,11 +17,18 @@ bf16 peak; ``recipes.tinylm.flops_per_token``). Targets, printed with the ratios
 * forge ZeRO-3 >= 0.9x forge DDP (on one GPU ZeRO has nothing to shard; this measures the cost
   of its machinery).
 
+Both sides are compiled (``torch.compile`` per block, as ``trainer.compile=true`` does in forge)
+unless ``--no-compile``; the comparison is like for like either way.
+
 Run it (GPU machine, from any directory, repo venv active)::
 
     python scripts/bench/strategies_gpu.py                       # all four, 100 steps each
     python scripts/bench/strategies_gpu.py --steps 200 --only bare ddp
     python scripts/bench/strategies_gpu.py --peak-tflops 1979    # another peak (H100 sparse...)
+    python scripts/bench/strategies_gpu.py --smoke               # CPU, tiny model: plumbing only
+
+``--smoke`` runs every side for a few steps on the CPU with a 2-layer model (its numbers mean
+nothing); it exists so the script itself is checked without a GPU (tests/integration/test_bench_smoke.py).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 H100_BF16_PEAK_TFLOPS = 989.5
@@ -42,39 +50,48 @@ TARGETS = {"ddp_vs_bare": 0.98, "mfu": 0.45, "zero3_vs_ddp": 0.9}
 SIDES = ["bare", "ddp", "deepspeed_zero2", "deepspeed_zero3"]
 
 
-def shape(batch_size: int) -> tuple[object, int, float]:
-    """The GPT-2-124M Params, its parameter count and training FLOPs per token."""
+# --smoke: a model small enough for a CPU, as recipe.params overrides.
+SMOKE_PARAMS = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "max_files": 3}
+
+
+def shape(smoke: bool) -> tuple[Any, int, float]:
+    """The GPT-2-124M Params (tiny ones with ``smoke``), parameter count and FLOPs per token."""
     from omegaconf import OmegaConf
 
     from recipes.tinylm import Params, TinyLM, flops_per_token, num_params
 
     cfg = OmegaConf.load(REPO_ROOT / "configs/recipe/tinylm_gpt2.yaml")
-    params = Params(**OmegaConf.to_container(cfg.params))  # type: ignore[arg-type]
+    values = OmegaConf.to_container(cfg.params)
+    assert isinstance(values, dict)
+    params = Params(**{**values, **(SMOKE_PARAMS if smoke else {})})  # type: ignore[arg-type]
     n = num_params(TinyLM(params))
     return params, n, flops_per_token(params, n)
 
 
-def run_bare(steps: int, warmup: int, batch_size: int) -> float:
+def run_bare(steps: int, warmup: int, batch_size: int, compile_model: bool, smoke: bool) -> float:
     """Median seconds per optimizer step of a plain single-GPU loop."""
     import torch
     from torch.utils.data import DataLoader
 
     from recipes.tinylm import TinyLM, load_corpus, loss_fn, split_corpus
 
-    params, _, _ = shape(batch_size)
+    params, _, _ = shape(smoke)
     torch.manual_seed(0)
-    device = torch.device("cuda")
+    device = torch.device("cpu" if smoke else "cuda")
     train, _ = split_corpus(load_corpus(params.max_files), params.block_size, params.val_fraction)
     loader = DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=True)
     model = TinyLM(params).to(device)
+    if compile_model:
+        for block in model.blocks:  # per block, exactly as forge's trainer.compile does
+            block.compile()
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True
+        model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=not smoke
     )
     ends: list[float] = []
     while len(ends) < steps:
         for x, y in loader:
             batch = (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
                 loss = loss_fn(model, batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -86,33 +103,44 @@ def run_bare(steps: int, warmup: int, batch_size: int) -> float:
                 break
     deltas = [b - a for a, b in zip(ends, ends[1:], strict=False)][warmup:]
     del model, optimizer
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return statistics.median(deltas)
 
 
-def run_forge(strategy: str, steps: int, batch_size: int, address: str, storage: str) -> float:
-    """Median seconds per optimizer step of forge.train under ``strategy`` (after warm-up)."""
+def forge_overrides(
+    strategy: str, steps: int, batch_size: int, compile_model: bool, smoke: bool
+) -> list[str]:
+    """The ``forge.train`` overrides of one forge side."""
+    overrides = [
+        "experiment=tinylm_gpt2_gpu",
+        f"strategy={strategy}",
+        "scaling.num_workers=1",
+        f"data.batch_size={batch_size}",
+        f"trainer.max_steps={steps}",
+        f"trainer.compile={str(compile_model).lower()}",
+        "trainer.log_every_n_steps=10",
+        "checkpoint.every_n_steps=0",
+        "trainer.val_every_n_steps=0",
+    ]
+    if smoke:
+        overrides += ["scaling=cpu", "scaling.num_workers=1", "scaling.cpus_per_worker=1"]
+        overrides += [f"recipe.params.{k}={v}" for k, v in SMOKE_PARAMS.items()]
+    return overrides
+
+
+def run_forge(overrides: list[str], address: str, storage: str) -> float:
+    """Median seconds per optimizer step of forge.train (after its warm-up steps)."""
     from rich.console import Console
 
     import forge
 
     result = forge.train(
-        [
-            "experiment=tinylm_gpt2_gpu",
-            f"strategy={strategy}",
-            "scaling.num_workers=1",
-            f"data.batch_size={batch_size}",
-            f"trainer.max_steps={steps}",
-            "trainer.log_every_n_steps=10",
-            "checkpoint.every_n_steps=0",
-            "trainer.val_every_n_steps=0",
-            f"ray.address={address}",
-            f"storage.uri={storage}/{strategy}",
-        ],
+        [*overrides, f"ray.address={address}", f"storage.uri={storage}"],
         console=Console(file=open(os.devnull, "w")),
     )
     if result.step_time_s is None:
-        raise SystemExit(f"forge.train ({strategy}) returned no step time")
+        raise SystemExit(f"forge.train ({shlex.join(overrides)}) returned no step time")
     # Training ends with a final checkpoint and validation, outside the timed steps.
     return result.step_time_s
 
@@ -124,7 +152,16 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="sequences of T=1024 per step")
     parser.add_argument("--only", nargs="+", choices=SIDES, default=SIDES)
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_PEAK_TFLOPS)
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="torch.compile every block, on both sides (default: on)",
+    )
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, a few steps")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.warmup, args.batch_size, args.compile = 24, 20, 2, False
     if args.steps <= args.warmup + 1:
         parser.error(f"--steps must exceed the {args.warmup} warm-up steps")
     print("command:", shlex.join(sys.orig_argv), flush=True)
@@ -135,20 +172,23 @@ def main() -> int:
     )
     import torch
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not args.smoke:
         print("strategies_gpu.py needs a CUDA GPU (it measures bf16 MFU); none found.")
         return 2
-    params, n_params, flops = shape(args.batch_size)
+    params, n_params, flops = shape(args.smoke)
     tokens_per_step = args.batch_size * params.block_size  # type: ignore[attr-defined]
     print(
         f"model: {n_params / 1e6:.1f}M params, {flops / 1e9:.3f} GFLOP/token, "
-        f"{tokens_per_step} tokens/step, GPU {torch.cuda.get_device_name()}",
+        f"{tokens_per_step} tokens/step, compile {args.compile}, "
+        f"{'CPU smoke run' if args.smoke else 'GPU ' + torch.cuda.get_device_name()}",
         flush=True,
     )
 
     step_s: dict[str, float] = {}
     if "bare" in args.only:
-        step_s["bare"] = run_bare(args.steps, args.warmup, args.batch_size)
+        step_s["bare"] = run_bare(
+            args.steps, args.warmup, args.batch_size, args.compile, args.smoke
+        )
         print(f"bare: {step_s['bare'] * 1e3:.1f} ms/step", flush=True)
     forge_sides = [s for s in args.only if s != "bare"]
     if forge_sides:
@@ -158,9 +198,10 @@ def main() -> int:
         address = ray.get_runtime_context().gcs_address
         with tempfile.TemporaryDirectory(prefix="forge-bench-") as storage:
             for strategy in forge_sides:
-                step_s[strategy] = run_forge(
-                    strategy, args.steps, args.batch_size, address, storage
+                overrides = forge_overrides(
+                    strategy, args.steps, args.batch_size, args.compile, args.smoke
                 )
+                step_s[strategy] = run_forge(overrides, address, storage + "/" + strategy)
                 print(f"forge {strategy}: {step_s[strategy] * 1e3:.1f} ms/step", flush=True)
         ray.shutdown()
 
@@ -183,6 +224,9 @@ def main() -> int:
         checks.append(("forge zero3 / forge ddp", ratio, TARGETS["zero3_vs_ddp"]))
     if "ddp" in tps and "deepspeed_zero2" in tps:
         print(f"forge zero2 / forge ddp: {tps['deepspeed_zero2'] / tps['ddp']:.3f} (no target)")
+    if args.smoke:
+        print("smoke run: the script works end to end; its numbers are not measurements")
+        return 0
     for label, value, target in checks:
         verdict = "ok" if value >= target else "BELOW TARGET"
         print(f"{label}: {value:.3f} (target >= {target}) {verdict}")

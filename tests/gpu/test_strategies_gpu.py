@@ -2,7 +2,7 @@
 
 * The Lightning path under Lightning's FSDP and DeepSpeed strategies (which refuse CPUs):
   trains, checkpoints through forge, resumes on the same number of workers.
-* bf16 on every forge-loop strategy.
+* bf16 on every forge-loop strategy; fp16 with loss scaling on DDP, FSDP and ZeRO-2.
 
 Written without a GPU at hand: treat a failure here as a bug report, not as a broken test.
 """
@@ -63,3 +63,25 @@ def test_bf16_on_every_loop_strategy(tmp_path: Path, quiet_console, strategy) ->
         console=quiet_console,
     )
     assert result.global_step == 20 and result.metrics["val/loss"] < 5.0
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_zero2"])
+def test_fp16_with_loss_scaling(tmp_path: Path, quiet_console, strategy) -> None:
+    """fp16 trains (GradScaler / ShardedGradScaler / DeepSpeed's scaler) and keeps its scale."""
+    result = forge.train(
+        [
+            "experiment=tinylm",
+            f"strategy={strategy}",
+            "scaling=gpu",
+            f"scaling.num_workers={GPUS}",
+            "trainer.precision=fp16",
+            "trainer.max_steps=20",
+            "checkpoint.every_n_steps=10",
+            "recipe.params.max_files=5",
+            f"storage.uri={tmp_path}",
+        ],
+        console=quiet_console,
+    )
+    assert result.global_step == 20 and result.metrics["val/loss"] < 5.0
+    if strategy != "deepspeed_zero2":
+        assert Path(result.last_checkpoint, "grad_scaler.json").is_file()
