@@ -382,6 +382,8 @@ def restore_newest(
                 f"{ckpt.uri}); is another run writing to the same run folder?"
             )
         if votes[0].item() == 0:
+            if ctx.rank == 0:
+                _uncommit_newer(store, ckpt.step)
             return ckpt, state
         skipped.append(ckpt.uri)
         if error is not None or ctx.rank == 0:
@@ -396,6 +398,17 @@ def restore_newest(
             "above). Restore a good copy, or start a new run with another run_name."
         )
     return None, LoopState()
+
+
+def _uncommit_newer(store: CheckpointStore, step: int) -> None:
+    """The run goes on from ``step``; every committed checkpoint after it was rejected above
+    (truncated, corrupt, refused), and this run will save those steps again."""
+    for ckpt in store.committed():
+        if ckpt.step > step:
+            store.uncommit(ckpt.uri)
+            log.warning(
+                "Uncommitted %s: it could not be loaded, and this run saves it again.", ckpt.uri
+            )
 
 
 def restore(

@@ -327,6 +327,13 @@ class CheckpointStore:
                 deleted.append(ckpt.uri)
         return deleted
 
+    def uncommit(self, uri: str) -> None:
+        """Take back the commit of the checkpoint at ``uri`` (its manifest); files stay until
+        :meth:`clean_uncommitted`. For a checkpoint that cannot be loaded and whose step this
+        run will save again: without it, the new files would sit under the old manifest until
+        the new one replaced it."""
+        storage.remove(storage.join(uri, MANIFEST), self.options)
+
     def clean_uncommitted(self) -> list[str]:
         """Remove what crashed saves left behind: step folders without a manifest, and (S3)
         unfinished multipart uploads. Call only while no rank of this run is writing."""

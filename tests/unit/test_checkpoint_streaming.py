@@ -470,6 +470,9 @@ def test_loop_skips_a_truncated_checkpoint_on_s3(s3_server, s3_bucket, caplog) -
     assert "truncated" in caplog.text
     assert [e["step"] for e in events if e["event"] == "resumed"] == [5]  # the one before
     assert out["step"] == 20
+    # The bad step 10 lost its commit before the run wrote step 10 again, then got a new one.
+    assert f"Uncommitted {run_uri}/checkpoints/{step_dir_name(10)}" in caplog.text
+    open_checkpoint(f"{run_uri}/checkpoints/{step_dir_name(10)}", options=options).verify()
 
 
 class _Touch:
