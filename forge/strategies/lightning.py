@@ -6,7 +6,9 @@
 ``ddp``                ``RayDDPStrategy`` (bucket size, unused parameters, bucket views)
 ``fsdp``               ``RayFSDPStrategy``: ``FULL_SHARD``/``SHARD_GRAD_OP``, a unit per block,
                        ``state_dict_type="full"`` so checkpoints reach forge as one dict
-``deepspeed_zero1-3``  ``RayDeepSpeedStrategy(stage=...)`` with the offload options
+``deepspeed_zero1-3``  ``ForgeDeepSpeedStrategy(stage=...)`` with the offload options, a
+                       ``RayDeepSpeedStrategy`` that loads checkpoints ``weights_only``
+                       (:mod:`forge.strategies.deepspeed_files`)
 =====================  =====================================================================
 
 Lightning's FSDP and DeepSpeed strategies refuse the CPU accelerator, so the config check
@@ -17,8 +19,11 @@ Checkpoints always go through forge's store: DDP and FSDP as Lightning's full ch
 (captured in memory by the runner's CheckpointIO); FSDP resumes from a node-local copy of that
 dict, since Lightning's FSDP loader reads a file. DeepSpeed writes its own ZeRO files (every rank
 its partitions); each rank hands forge the files it wrote, and on resume every rank fetches them
-back into a node-local folder for ``engine.load_checkpoint``. Those are DeepSpeed's pickles and
-load only on the world size that wrote them; the driver refuses another one before launch.
+back into a node-local folder for ``engine.load_checkpoint``. DeepSpeed reads them through
+forge's checkpoint engine, ``torch.load(weights_only=True)`` with a short allowlist of DeepSpeed's
+own classes, so a tampered file is refused instead of run; forge drops hyper-parameters from
+what it saves and checks each save loads that way. They load only on the world size that wrote
+them; the driver refuses another one before launch.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ def make_lightning_strategy(spec: RunSpec, module: nn.Module) -> Any:
         >>> type(make_lightning_strategy(spec, nn.Linear(2, 2))).__name__  # doctest: +SKIP
         'RayDDPStrategy'
     """
-    from ray.train.lightning import RayDDPStrategy, RayDeepSpeedStrategy, RayFSDPStrategy
+    from ray.train.lightning import RayDDPStrategy, RayFSDPStrategy
 
     strategy = spec.strategy
     if strategy.name == "ddp":
@@ -67,7 +72,10 @@ def make_lightning_strategy(spec: RunSpec, module: nn.Module) -> Any:
             auto_wrap_policy=blocks or None,
             state_dict_type="full",
         )
-    return RayDeepSpeedStrategy(**deepspeed_kwargs(spec))
+    # Imported here: it imports DeepSpeed, which the other strategies do not need.
+    from forge.strategies.deepspeed_files import ForgeDeepSpeedStrategy
+
+    return ForgeDeepSpeedStrategy(**deepspeed_kwargs(spec))
 
 
 def deepspeed_kwargs(spec: RunSpec) -> dict[str, Any]:
