@@ -57,6 +57,7 @@ from forge.strategies.lightning import (
     make_lightning_strategy,
     resume_path,
     uses_deepspeed_files,
+    without_hyper_parameters,
 )
 
 log = logging.getLogger(__name__)  # a child of "forge": rank 0's warnings reach the driver
@@ -85,16 +86,9 @@ def lightning_checkpoint_files(checkpoint: dict[str, Any]) -> dict[str, bytes]:
     everything left loads back with ``weights_only=True``; anything that would not is refused
     now, at save time, rather than when a resume needs it.
     """
-    rest = dict(checkpoint)
+    rest = without_hyper_parameters(checkpoint)
     state_dict = rest.pop("state_dict")
     optimizer_states = rest.pop("optimizer_states", [])
-    for holder in (pl.LightningModule, pl.LightningDataModule):
-        for key in (
-            "CHECKPOINT_HYPER_PARAMS_KEY",
-            "CHECKPOINT_HYPER_PARAMS_NAME",
-            "CHECKPOINT_HYPER_PARAMS_TYPE",
-        ):
-            rest.pop(getattr(holder, key), None)
     files = {
         MODEL_FILE: tensors_to_bytes(state_dict),
         # One optimizer (the usual case) is stored exactly like the forge loop's optim.pt.

@@ -29,7 +29,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
@@ -38,6 +37,7 @@ from deepspeed.utils.tensor_fragment import fragment_address
 from ray.train.lightning import RayDeepSpeedStrategy
 
 from forge.errors import CheckpointError
+from forge.strategies.lightning import without_hyper_parameters
 
 # What DeepSpeed's ZeRO 1/2/3 files hold besides tensors and containers (fp32, bf16, fp16),
 # measured with torch.serialization.get_unsafe_globals_in_checkpoint on deepspeed 0.19.
@@ -157,30 +157,6 @@ def safe_checkpoint_engine(engine: Any) -> Iterator[None]:
         yield
     finally:
         engine.checkpoint_engine = stock
-
-
-def without_hyper_parameters(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """Lightning's checkpoint dict minus the module's and datamodule's hyper-parameters.
-
-    forge rebuilds both from ``recipe.params``, and hyper-parameters may be any object, which
-    would not load with ``weights_only`` (the same rule as
-    :func:`forge.lightning_runner.lightning_checkpoint_files`).
-
-    Example:
-        >>> without_hyper_parameters({"epoch": 1, "hyper_parameters": {"x": 1},
-        ...                           "hparams_name": "kwargs"})
-        {'epoch': 1}
-    """
-    keys = {
-        getattr(holder, attr)
-        for holder in (pl.LightningModule, pl.LightningDataModule)
-        for attr in (
-            "CHECKPOINT_HYPER_PARAMS_KEY",
-            "CHECKPOINT_HYPER_PARAMS_NAME",
-            "CHECKPOINT_HYPER_PARAMS_TYPE",
-        )
-    }
-    return {k: v for k, v in checkpoint.items() if k not in keys}
 
 
 def check_saved_files(folder: str | Path, rank: int = 0) -> None:

@@ -106,6 +106,31 @@ def deepspeed_kwargs(spec: RunSpec) -> dict[str, Any]:
     return kwargs
 
 
+def without_hyper_parameters(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Lightning's checkpoint dict minus the module's and datamodule's hyper-parameters.
+
+    forge rebuilds both from ``recipe.params``, and hyper-parameters may be any object, which
+    would not load with ``weights_only``. Used for every Lightning checkpoint forge writes.
+
+    Example:
+        >>> without_hyper_parameters({"epoch": 1, "hyper_parameters": {"x": 1},
+        ...                           "hparams_name": "kwargs"})
+        {'epoch': 1}
+    """
+    import pytorch_lightning as pl
+
+    keys = {
+        getattr(holder, attr)
+        for holder in (pl.LightningModule, pl.LightningDataModule)
+        for attr in (
+            "CHECKPOINT_HYPER_PARAMS_KEY",
+            "CHECKPOINT_HYPER_PARAMS_NAME",
+            "CHECKPOINT_HYPER_PARAMS_TYPE",
+        )
+    }
+    return {k: v for k, v in checkpoint.items() if k not in keys}
+
+
 def uses_deepspeed_files(spec: RunSpec) -> bool:
     """True when checkpoints are DeepSpeed's own files (Lightning + ``deepspeed_*``)."""
     return spec.recipe.kind == "lightning" and spec.strategy.name.startswith("deepspeed")
