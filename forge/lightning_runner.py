@@ -1,21 +1,27 @@
-"""The Lightning path: an unchanged LightningModule, trained by Lightning under Ray's DDP strategy.
+"""The Lightning path: an unchanged LightningModule, trained by Lightning under Ray's strategies.
 
 :mod:`forge.worker` calls :func:`run_lightning` on every Ray Train worker when
 ``recipe.kind == "lightning"``. It maps forge's config onto a ``pl.Trainer`` (the Ray Train
-pattern: ``RayDDPStrategy`` + ``RayLightningEnvironment`` + ``prepare_trainer``) and keeps forge's
-own guarantees around it, exactly as :mod:`forge.loop` does for forge-loop recipes:
+pattern: ``RayDDPStrategy`` - or FSDP/DeepSpeed, see :mod:`forge.strategies.lightning` - +
+``RayLightningEnvironment`` + ``prepare_trainer``) and keeps forge's own guarantees around it,
+exactly as :mod:`forge.loop` does for forge-loop recipes:
 
 * **Checkpoints** are forge checkpoints (``CheckpointStore``: per-rank files, a manifest as the
   commit, retention), never Lightning ``.ckpt`` files. Lightning still decides *what* its
   training state is: a small :class:`~lightning_fabric.plugins.io.CheckpointIO` captures the dict
   ``Trainer.save_checkpoint`` builds, and forge splits it into ``model.safetensors`` (the
   LightningModule's ``state_dict``), ``optim.pt`` (optimizer state) and ``lightning.pt`` (loop
-  progress, LR schedulers, callback and precision state). Every rank adds ``rank{r}.safetensors``
-  (its RNG state).
+  progress, LR schedulers, callback and precision state). Under DeepSpeed the strategy itself
+  captures the checkpoint instead: every rank's ZeRO fragments of weights and optimizer state
+  in forge's sharded format, plus ``lightning.pt`` on rank 0
+  (:mod:`forge.strategies.deepspeed_files`). Every rank adds ``rank{r}.safetensors`` (its RNG
+  state).
 * **Resume** goes the other way: the same files are assembled back into Lightning's dict and
   handed to ``trainer.fit(ckpt_path=...)`` through that ``CheckpointIO``, so Lightning restores
-  weights, optimizer, schedulers and loop counters itself and continues at the saved step. Bytes
-  are read only through :mod:`forge.checkpoint.serialize` (safetensors, ``weights_only`` loads).
+  weights, optimizer, schedulers and loop counters itself and continues at the saved step (under
+  DeepSpeed the strategy loads this rank's fragments into the engine, on any ZeRO stage and
+  world size, and hands Lightning the rest). Bytes are read only through
+  :mod:`forge.checkpoint.serialize` (safetensors, ``weights_only`` loads).
 * **Metrics and progress**: a minimal Lightning logger receives what the module ``self.log``-s;
   rank 0 writes ``metrics.jsonl``/TensorBoard through :class:`forge.metrics.MetricsWriter` and
   sends ``start``/``log``/``val``/``checkpoint`` events to the driver, with the forge loop's
@@ -53,10 +59,13 @@ from forge.errors import CheckpointError, ConfigError
 from forge.loop import WARMUP_STEPS_FOR_TIMING, WorkerContext, rng_state
 from forge.recipe import build_params, import_recipe_module
 from forge.strategies.lightning import (
-    deepspeed_checkpoint_files,
+    CAPTURE_PATH,
+    LIGHTNING_FILE,
+    lightning_state_bytes,
     make_lightning_strategy,
+    read_lightning_state,
     resume_path,
-    uses_deepspeed_files,
+    uses_fragments,
     without_hyper_parameters,
 )
 
@@ -64,16 +73,12 @@ log = logging.getLogger(__name__)  # a child of "forge": rank 0's warnings reach
 
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optim.pt"
-LIGHTNING_FILE = "lightning.pt"  # the rest of Lightning's checkpoint dict: loops, schedulers...
 STRATEGY = "ddp"
 
 # forge's precision names -> Lightning's.
 PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
 
 _NEVER = 2**62  # a val_check_interval (in batches) that is never reached
-
-# The path Trainer.save_checkpoint is given so that _ForgeCheckpointIO keeps the dict in memory.
-_CAPTURE_PATH = "forge-capture://checkpoint"
 
 
 # -- the Lightning checkpoint dict <-> forge checkpoint files -------------------------------------
@@ -89,35 +94,19 @@ def lightning_checkpoint_files(checkpoint: dict[str, Any]) -> dict[str, bytes]:
     rest = without_hyper_parameters(checkpoint)
     state_dict = rest.pop("state_dict")
     optimizer_states = rest.pop("optimizer_states", [])
-    files = {
+    return {
         MODEL_FILE: tensors_to_bytes(state_dict),
         # One optimizer (the usual case) is stored exactly like the forge loop's optim.pt.
         OPTIM_FILE: object_to_bytes(
             optimizer_states[0] if len(optimizer_states) == 1 else list(optimizer_states)
         ),
-        LIGHTNING_FILE: object_to_bytes(rest),
+        LIGHTNING_FILE: lightning_state_bytes(rest),
     }
-    try:
-        bytes_to_object(files[LIGHTNING_FILE], LIGHTNING_FILE)
-    except CheckpointError as exc:
-        raise CheckpointError(
-            f"{exc} The Lightning training state holds objects forge cannot reload safely; this "
-            "usually comes from a callback's state_dict() or the module's on_save_checkpoint() "
-            "storing custom classes. Store plain numbers, strings, lists, dicts or tensors."
-        ) from None
-    return files
 
 
 def lightning_checkpoint_dict(ckpt: CommittedCheckpoint) -> dict[str, Any]:
-    """Reassemble Lightning's checkpoint dict from a forge checkpoint written by this module."""
-    if LIGHTNING_FILE not in ckpt.manifest.files:
-        raise CheckpointError(
-            f"{ckpt.uri} was not written by a Lightning recipe (it has no {LIGHTNING_FILE}), so "
-            "it cannot resume one. Resume from a checkpoint of a recipe.kind=lightning run."
-        )
-    checkpoint = bytes_to_object(ckpt.read(LIGHTNING_FILE), LIGHTNING_FILE)
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{ckpt.uri}/{LIGHTNING_FILE} is not a Lightning state dict.")
+    """Reassemble Lightning's full checkpoint dict (DDP, FSDP) from a forge checkpoint."""
+    checkpoint = read_lightning_state(ckpt)
     checkpoint["state_dict"] = bytes_to_tensors(ckpt.read(MODEL_FILE))
     optim = bytes_to_object(ckpt.read(OPTIM_FILE), OPTIM_FILE)
     checkpoint["optimizer_states"] = [optim] if isinstance(optim, dict) else list(optim)
@@ -127,7 +116,7 @@ def lightning_checkpoint_dict(ckpt: CommittedCheckpoint) -> dict[str, Any]:
 class _ForgeCheckpointIO(TorchCheckpointIO):
     """Keeps checkpoints for forge in memory; any other path is ordinary Lightning file I/O.
 
-    ``Trainer.save_checkpoint(_CAPTURE_PATH)`` lands in :meth:`take` (on rank 0, where Lightning
+    ``Trainer.save_checkpoint(CAPTURE_PATH)`` lands in :meth:`take` (on rank 0, where Lightning
     calls it); ``trainer.fit(ckpt_path=uri)`` for a staged ``uri`` gets the reassembled dict.
     """
 
@@ -148,7 +137,7 @@ class _ForgeCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
-        if str(path) == _CAPTURE_PATH:
+        if str(path) == CAPTURE_PATH:
             self._captured = checkpoint
         else:
             super().save_checkpoint(checkpoint, path, storage_options)
@@ -341,10 +330,11 @@ class _ForgeCallback(pl.Callback):
         """Snapshot this rank's files; the streamer uploads them and commits on rank 0 in the
         background. Runs on every rank at the same step."""
         self.pending_save = None
-        if uses_deepspeed_files(self.spec):  # DeepSpeed writes its own partitioned files
-            files = deepspeed_checkpoint_files(trainer, self.plan.run_uri, step, self.ctx.rank)
-        else:
-            trainer.save_checkpoint(_CAPTURE_PATH, weights_only=False)  # every rank: a barrier
+        trainer.save_checkpoint(CAPTURE_PATH, weights_only=False)  # every rank: a barrier
+        files: dict[str, Any]
+        if uses_fragments(self.spec):  # every rank's own fragments, from the strategy
+            files = trainer.strategy.take_files()
+        else:  # Lightning's full dict, which its CheckpointIO gets on rank 0
             files = lightning_checkpoint_files(self.io.take()) if self.ctx.rank == 0 else {}
         files[f"rank{self.ctx.rank}.safetensors"] = tensors_to_bytes(rng_state())
         meta = {
@@ -525,11 +515,6 @@ def run_lightning(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[s
     )
     io = _ForgeCheckpointIO()
     callback = _ForgeCallback(spec, plan, ctx, store, io, ckpt)
-    ckpt_path = None
-    if ckpt is not None:
-        ckpt_path = resume_path(spec, ckpt, io.stage, lightning_checkpoint_dict)
-        if is_main:
-            ctx.on_progress({"event": "resumed", "step": ckpt.step, "uri": ckpt.uri})
     if is_main:
         from forge.metrics import open_run_metrics
 
@@ -555,6 +540,13 @@ def run_lightning(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[s
         trainer = make_trainer(spec, callback, io, root_dir, module)
         callback.trainer = trainer
         try:
+            ckpt_path = None
+            if ckpt is not None:  # after make_trainer: DeepSpeed resumes through its strategy
+                ckpt_path = resume_path(
+                    spec, ckpt, trainer.strategy, io.stage, lightning_checkpoint_dict
+                )
+                if is_main:
+                    ctx.on_progress({"event": "resumed", "step": ckpt.step, "uri": ckpt.uri})
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
         except BaseException:
             callback.streamer.close(cancel=True)  # nothing uncommitted may land after this

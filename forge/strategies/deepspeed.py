@@ -15,7 +15,9 @@ Checkpoints: every rank writes the fp32 master weights and optimizer state it ow
 parameter, in forge's sharded format (:mod:`forge.strategies.fragments`) - the same content as a
 DeepSpeed *universal* checkpoint, written directly, without pickles. Loading reads the ranges
 this rank owns under the current layout, so any world size works, and DDP or FSDP checkpoints
-load too. This reaches into the ZeRO optimizers' partition tables (``_hp_mapping``,
+load too. :func:`engine_fragments` and :func:`load_engine_state` do this for any ZeRO engine;
+the Lightning path's DeepSpeed strategy (:mod:`forge.strategies.deepspeed_files`) uses them
+as well. This reaches into the ZeRO optimizers' partition tables (``_hp_mapping``,
 ``single_partition_of_fp32_groups``, ``fp32_partitioned_groups_flat``), checked with
 deepspeed 0.19; the unit tests cover every stage.
 
@@ -185,72 +187,117 @@ class DeepSpeedStrategy:
     def checkpoint_files(
         self, model: nn.Module, optimizer: torch.optim.Optimizer
     ) -> dict[str, FilePayload]:
-        engine: Any = model
-        zero = _Partitions(engine, self.rank)
-        module = engine.module
-        writer = ShardWriter(self.rank, self.world_size)
-        for fqn, param in module.named_parameters():
-            start, numel, master, states = zero.fragment(param)
-            writer.add(f"model/{fqn}", master, zero.shape(param), start)
-            for key, value in states.items():
-                writer.add(f"optim/{key}/{fqn}", value, zero.shape(param), start)
-            if self.rank == 0:
-                for key, value in zero.scalar_states(param).items():
-                    writer.add_whole(f"optim/{key}/{fqn}", value)
-        aliases = tied_names(module)
-        if self.rank == 0:
-            params = {id(p) for p in module.parameters()}
-            for name, value in module.state_dict(keep_vars=True).items():
-                if id(value) not in params:  # buffers are not partitioned: one copy
-                    writer.add_whole(f"model/{name}", value)
-            writer.meta["param_groups"] = jsonable(
-                [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-            )
-            writer.meta["aliases"] = aliases
-            scaler = getattr(engine.optimizer, "loss_scaler", None)
-            writer.meta["loss_scaler"] = {
-                f: getattr(scaler, f) for f in _LOSS_SCALER_FIELDS if hasattr(scaler, f)
-            }
-        return writer.files()
+        return engine_fragments(model, optimizer, self.rank, self.world_size).files()
 
     def load_checkpoint(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: CommittedCheckpoint
     ) -> None:
         engine: Any = model
-        module = engine.module
-        names = [name for name, _ in module.named_parameters()]
-        reader = StateReader(ckpt, names, tied_names(module))
-        zero = _Partitions(engine, self.rank)
-        with_optim = bool(reader.keys("optim/"))
-        if with_optim:
-            zero.init_optimizer_state()
-        with torch.no_grad():
-            for fqn, param in module.named_parameters():
-                key = f"model/{fqn}"
-                if key not in reader:
-                    raise CheckpointError(f"{ckpt.uri} has no {key!r}: another model?")
-                if tuple(reader.shape(key)) != tuple(zero.shape(param)):
-                    raise CheckpointError(
-                        f"{ckpt.uri}: {key} has shape {list(reader.shape(key))} in the "
-                        f"checkpoint but {list(zero.shape(param))} here (another recipe.params?)."
-                    )
-                optim_keys = reader.optim_keys(fqn) if with_optim else []
-                zero.load(param, reader, key, {k: f"optim/{k}/{fqn}" for k in optim_keys})
-            params = {id(p) for p in module.parameters()}
-            for name, value in module.state_dict(keep_vars=True).items():
-                if id(value) not in params and f"model/{name}" in reader:
-                    value.copy_(reader.full(f"model/{name}").reshape(value.shape))
-        if with_optim:
-            reader.apply_param_groups(optimizer.param_groups)
-        scaler = getattr(engine.optimizer, "loss_scaler", None)
-        for field, value in reader.meta.get("loss_scaler", {}).items():
-            if hasattr(scaler, field):
-                setattr(scaler, field, value)
+        load_engine_state(engine, optimizer, self.rank, ckpt)
         # The loop resumes at a step boundary: the engine's counters follow from the step.
         accumulation = self.spec.trainer.accumulate_grad_batches
         engine.global_steps = ckpt.step
         engine.micro_steps = ckpt.step * accumulation
         engine.global_samples = ckpt.step * engine.train_batch_size()
+
+
+# -- checkpoints of any ZeRO engine (also the Lightning path's) ------------------------------------
+
+
+def engine_fragments(
+    engine: Any, optimizer: torch.optim.Optimizer, rank: int, world_size: int
+) -> ShardWriter:
+    """The fp32 master weights and optimizer state a DeepSpeed ZeRO engine holds on ``rank``.
+
+    Every rank records its own fragments; rank 0 also records the buffers (not partitioned)
+    and, in the index, the param groups, tied-weight aliases and loss-scaler fields.
+
+    Args:
+        engine: A ``DeepSpeedEngine`` with a ZeRO 1, 2 or 3 optimizer.
+        optimizer: The torch optimizer that ZeRO optimizer wraps (``engine.optimizer.optimizer``).
+        rank: This worker's data-parallel rank.
+        world_size: The number of data-parallel ranks.
+
+    Returns:
+        The writer, so that a caller can add to its ``meta`` before taking ``files()``.
+    """
+    zero = _Partitions(engine, rank)
+    module = engine.module
+    writer = ShardWriter(rank, world_size)
+    for fqn, param in module.named_parameters():
+        start, numel, master, states = zero.fragment(param)
+        writer.add(f"model/{fqn}", master, zero.shape(param), start)
+        for key, value in states.items():
+            writer.add(f"optim/{key}/{fqn}", value, zero.shape(param), start)
+        if rank == 0:
+            for key, value in zero.scalar_states(param).items():
+                writer.add_whole(f"optim/{key}/{fqn}", value)
+    aliases = tied_names(module)
+    if rank == 0:
+        params = {id(p) for p in module.parameters()}
+        for name, value in module.state_dict(keep_vars=True).items():
+            if id(value) not in params:  # buffers are not partitioned: one copy
+                writer.add_whole(f"model/{name}", value)
+        writer.meta["param_groups"] = jsonable(
+            [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        )
+        writer.meta["aliases"] = aliases
+        scaler = getattr(engine.optimizer, "loss_scaler", None)
+        writer.meta["loss_scaler"] = {
+            f: getattr(scaler, f) for f in _LOSS_SCALER_FIELDS if hasattr(scaler, f)
+        }
+    return writer
+
+
+def load_engine_state(
+    engine: Any, optimizer: torch.optim.Optimizer, rank: int, ckpt: CommittedCheckpoint
+) -> dict[str, Any]:
+    """Load the ranges ``rank`` owns under the engine's layout from any forge checkpoint.
+
+    Sets the fp32 master weights, the working weights, the optimizer state (when the
+    checkpoint has some), the param groups' hyper-parameters, buffers and the loss scaler.
+    :class:`StateReader` reshards, so the checkpoint may come from any strategy, ZeRO stage and
+    world size. The engine's step counters are left to the caller.
+
+    Args:
+        engine: A ``DeepSpeedEngine`` with a ZeRO 1, 2 or 3 optimizer.
+        optimizer: The torch optimizer that ZeRO optimizer wraps (``engine.optimizer.optimizer``).
+        rank: This worker's data-parallel rank.
+        ckpt: The checkpoint.
+
+    Returns:
+        The checkpoint's metadata (rank 0's index header: param groups, aliases...).
+    """
+    module = engine.module
+    names = [name for name, _ in module.named_parameters()]
+    reader = StateReader(ckpt, names, tied_names(module))
+    zero = _Partitions(engine, rank)
+    with_optim = bool(reader.keys("optim/"))
+    if with_optim:
+        zero.init_optimizer_state()
+    with torch.no_grad():
+        for fqn, param in module.named_parameters():
+            key = f"model/{fqn}"
+            if key not in reader:
+                raise CheckpointError(f"{ckpt.uri} has no {key!r}: another model?")
+            if tuple(reader.shape(key)) != tuple(zero.shape(param)):
+                raise CheckpointError(
+                    f"{ckpt.uri}: {key} has shape {list(reader.shape(key))} in the "
+                    f"checkpoint but {list(zero.shape(param))} here (another recipe.params?)."
+                )
+            optim_keys = reader.optim_keys(fqn) if with_optim else []
+            zero.load(param, reader, key, {k: f"optim/{k}/{fqn}" for k in optim_keys})
+        params = {id(p) for p in module.parameters()}
+        for name, value in module.state_dict(keep_vars=True).items():
+            if id(value) not in params and f"model/{name}" in reader:
+                value.copy_(reader.full(f"model/{name}").reshape(value.shape))
+    if with_optim:
+        reader.apply_param_groups(optimizer.param_groups)
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    for field, value in reader.meta.get("loss_scaler", {}).items():
+        if hasattr(scaler, field):
+            setattr(scaler, field, value)
+    return reader.meta
 
 
 class _Partitions:
@@ -259,6 +306,9 @@ class _Partitions:
     ZeRO-1/2 cut the flattened parameter groups into one contiguous range per rank, so a
     parameter may be split across two ranks (``param._hp_mapping`` says which piece is here).
     ZeRO-3 gives every parameter its own padded partition, ``ceil(numel / world)`` per rank.
+    Frozen parameters (``requires_grad=False``) are in no ZeRO group: they have no fp32 master
+    or optimizer state, only their working weights (whole under ZeRO-1/2, partitioned under
+    ZeRO-3), which are saved and loaded instead.
     """
 
     def __init__(self, engine: Any, rank: int) -> None:
@@ -289,6 +339,9 @@ class _Partitions:
         start = self.rank * size
         return start, max(0, min(size, param.ds_numel - start)), size
 
+    def frozen(self, param: Any) -> bool:
+        return id(param) not in self.flat_of
+
     def _flat_state(self, param: Any) -> dict[str, Any]:
         return self.torch_opt.state.get(self.flats[self.flat_of[id(param)]], {})
 
@@ -296,6 +349,8 @@ class _Partitions:
         """(start, numel, fp32 master fragment, {state: fragment}) held by this rank."""
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
+        if self.frozen(param):
+            return self._frozen_fragment(param)
         flat = self.flats[self.flat_of[id(param)]]
         keys = [k for k, v in self._flat_state(param).items() if _is_flat(v, flat)]
         if self.stage3:
@@ -311,8 +366,18 @@ class _Partitions:
         states = {k: state[k].narrow(0, hp.start, hp.numel) for k in keys}
         return lp.start, lp.numel, mapping.hp_fragment, states
 
+    def _frozen_fragment(self, param: Any) -> tuple[int, int, torch.Tensor, dict[str, Any]]:
+        if self.stage3:
+            start, valid, _ = self._range3(param)
+            return start, valid, param.ds_tensor.data[:valid].float(), {}
+        if self.rank != 0:  # every rank holds the whole tensor: rank 0 writes the one copy
+            return 0, 0, torch.empty(0), {}
+        return 0, param.numel(), param.data.float(), {}
+
     def scalar_states(self, param: Any) -> dict[str, torch.Tensor]:
         """Non-partitioned optimizer state (Adam's ``step``) for ``param``."""
+        if self.frozen(param):
+            return {}
         flat = self.flats[self.flat_of[id(param)]]
         out = {}
         for key, value in self._flat_state(param).items():
@@ -344,6 +409,9 @@ class _Partitions:
         """Set this rank's master weights, optimizer state and working weights of ``param``."""
         from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
+        if self.frozen(param):
+            self._load_frozen(param, reader, key)
+            return
         state = self._flat_state(param)
         for name, value in state.items():  # scalars (step): one value for the whole group
             if not _is_flat(value, self.flats[self.flat_of[id(param)]]) and name in optim:
@@ -380,6 +448,15 @@ class _Partitions:
         mapping.hp_fragment.data.copy_(full[lp.start : lp.start + lp.numel])
         for k in flat_keys:
             state[k].narrow(0, hp.start, hp.numel).copy_(reader.read(optim[k], lp.start, lp.numel))
+
+    def _load_frozen(self, param: Any, reader: StateReader, key: str) -> None:
+        if not self.stage3:
+            param.data.copy_(reader.full(key).reshape(param.shape))
+            return
+        start, valid, _ = self._range3(param)
+        param.ds_tensor.data[:valid].copy_(reader.read(key, start, valid))
+        if param.data.numel() == param.ds_numel:  # a persistent (never partitioned) param
+            param.data.copy_(reader.full(key).reshape(param.data.shape))
 
 
 def _is_flat(value: Any, flat: torch.Tensor) -> bool:

@@ -7,7 +7,7 @@
 ``fsdp``               ``RayFSDPStrategy``: ``FULL_SHARD``/``SHARD_GRAD_OP``, a unit per block,
                        ``state_dict_type="full"`` so checkpoints reach forge as one dict
 ``deepspeed_zero1-3``  ``ForgeDeepSpeedStrategy(stage=...)`` with the offload options, a
-                       ``RayDeepSpeedStrategy`` that loads checkpoints ``weights_only``
+                       ``RayDeepSpeedStrategy`` whose checkpoints are forge's sharded format
                        (:mod:`forge.strategies.deepspeed_files`)
 =====================  =====================================================================
 
@@ -15,15 +15,17 @@ Lightning's FSDP and DeepSpeed strategies refuse the CPU accelerator, so the con
 (``RunSpec``) rejects them without ``scaling.use_gpu=true`` before anything launches, and only
 ``ddp`` runs (and is tested) on CPU.
 
-Checkpoints always go through forge's store: DDP and FSDP as Lightning's full checkpoint dict
-(captured in memory by the runner's CheckpointIO); FSDP resumes from a node-local copy of that
-dict, since Lightning's FSDP loader reads a file. DeepSpeed writes its own ZeRO files (every rank
-its partitions); each rank hands forge the files it wrote, and on resume every rank fetches them
-back into a node-local folder for ``engine.load_checkpoint``. DeepSpeed reads them through
-forge's checkpoint engine, ``torch.load(weights_only=True)`` with a short allowlist of DeepSpeed's
-own classes, so a tampered file is refused instead of run; forge drops hyper-parameters from
-what it saves and checks each save loads that way. They load only on the world size that wrote
-them; the driver refuses another one before launch.
+Checkpoints always go through forge's store, and ``Trainer.save_checkpoint(CAPTURE_PATH)`` never
+writes a file. DDP and FSDP store Lightning's full checkpoint dict (captured in memory by the
+runner's CheckpointIO); FSDP resumes from a node-local copy of that dict, since Lightning's FSDP
+loader reads a file. DeepSpeed stores what the forge loop's DeepSpeed strategy does: every rank
+the fragments of fp32 master weights and optimizer state its ZeRO partition holds
+(:mod:`forge.strategies.fragments`), and rank 0 the rest of Lightning's dict as
+:data:`LIGHTNING_FILE`. Those resume under any ZeRO stage on any number of workers, and
+``forge.checkpoint.consolidate`` reads them; they do not resume Lightning DDP/FSDP runs (nor
+full checkpoints DeepSpeed ones), which the driver refuses before launch. Nothing in a Lightning
+checkpoint is arbitrary pickle: hyper-parameters are dropped, and :data:`LIGHTNING_FILE` is
+checked to load with ``weights_only=True`` when it is written.
 """
 
 from __future__ import annotations
@@ -39,11 +41,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from forge.checkpoint.serialize import bytes_to_object, object_to_bytes
 from forge.checkpoint.store import CommittedCheckpoint
 from forge.config.specs import RunSpec
+from forge.errors import CheckpointError
 from forge.strategies.modules import find_blocks
 
-DEEPSPEED_PREFIX = "ds-"  # forge file names of DeepSpeed's own checkpoint files
+LIGHTNING_FILE = "lightning.pt"  # the rest of Lightning's checkpoint dict: loops, schedulers...
+
+# The path Trainer.save_checkpoint is given so that the checkpoint is kept in memory for forge
+# (by the runner's CheckpointIO, or by ForgeDeepSpeedStrategy), never written to a file.
+CAPTURE_PATH = "forge-capture://checkpoint"
 
 
 def make_lightning_strategy(spec: RunSpec, module: nn.Module) -> Any:
@@ -131,9 +139,55 @@ def without_hyper_parameters(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in checkpoint.items() if k not in keys}
 
 
-def uses_deepspeed_files(spec: RunSpec) -> bool:
-    """True when checkpoints are DeepSpeed's own files (Lightning + ``deepspeed_*``)."""
+def uses_fragments(spec: RunSpec) -> bool:
+    """True when Lightning checkpoints are forge's sharded fragments (``deepspeed_*``).
+
+    Example:
+        >>> from forge.config.specs import RecipeSpec, ScalingSpec, StrategySpec
+        >>> uses_fragments(RunSpec(recipe=RecipeSpec(name="x", module="m", kind="lightning"),
+        ...                        strategy=StrategySpec(name="deepspeed_zero2"),
+        ...                        scaling=ScalingSpec(use_gpu=True)))
+        True
+    """
     return spec.recipe.kind == "lightning" and spec.strategy.name.startswith("deepspeed")
+
+
+def lightning_state_bytes(state: dict[str, Any]) -> bytes:
+    """:data:`LIGHTNING_FILE`'s bytes for ``state``, Lightning's checkpoint dict without model,
+    optimizer and hyper-parameters; refused now if it would not load back with
+    ``weights_only=True``, rather than when a resume needs it.
+
+    Example:
+        >>> len(lightning_state_bytes({"epoch": 1, "global_step": 8})) > 0
+        True
+        >>> lightning_state_bytes({"callbacks": {"c": print}})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        forge.errors.CheckpointError: ... callback's state_dict() ...
+    """
+    data = object_to_bytes(state)
+    try:
+        bytes_to_object(data, LIGHTNING_FILE)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"{exc} The Lightning training state holds objects forge cannot reload safely; this "
+            "usually comes from a callback's state_dict() or the module's on_save_checkpoint() "
+            "storing custom classes. Store plain numbers, strings, lists, dicts or tensors."
+        ) from None
+    return data
+
+
+def read_lightning_state(ckpt: CommittedCheckpoint) -> dict[str, Any]:
+    """The Lightning dict :data:`LIGHTNING_FILE` of ``ckpt`` holds (loops, schedulers...)."""
+    if LIGHTNING_FILE not in ckpt.manifest.files:
+        raise CheckpointError(
+            f"{ckpt.uri} was not written by a Lightning recipe (it has no {LIGHTNING_FILE}), so "
+            "it cannot resume one. Resume from a checkpoint of a recipe.kind=lightning run."
+        )
+    state = bytes_to_object(ckpt.read(LIGHTNING_FILE), LIGHTNING_FILE)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{ckpt.uri}/{LIGHTNING_FILE} is not a Lightning state dict.")
+    return state
 
 
 def _node_local(kind: str, key: str) -> Path:
@@ -142,47 +196,24 @@ def _node_local(kind: str, key: str) -> Path:
     return Path(tempfile.gettempdir()) / f"forge-{kind}-{digest}"
 
 
-def deepspeed_checkpoint_files(
-    trainer: Any, run_uri: str, step: int, rank: int
-) -> dict[str, bytes]:
-    """Let Lightning/DeepSpeed save, then take the files this rank wrote.
-
-    Each rank owns the files with its data-parallel rank in the name
-    (``zero_pp_rank_<r>_...``); rank 0 also takes the shared ones (model states, ``latest``).
-    """
-    folder = _node_local("ds-save", f"{run_uri}/{step}")
-    trainer.save_checkpoint(str(folder))  # every rank: DeepSpeed writes its own partitions
-    mine = f"zero_pp_rank_{rank}_"
-    files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        name = path.relative_to(folder).as_posix()
-        owned = mine in name or (rank == 0 and "zero_pp_rank_" not in name)
-        if owned:
-            files[DEEPSPEED_PREFIX + name.replace("/", "--")] = path.read_bytes()
-            path.unlink()
-    return files
-
-
 def resume_path(
     spec: RunSpec,
     ckpt: CommittedCheckpoint,
+    strategy: Any,
     stage: Callable[[str, dict[str, Any]], None],
     checkpoint_dict: Callable[[CommittedCheckpoint], dict[str, Any]],
 ) -> str:
     """What to pass as ``trainer.fit(ckpt_path=...)`` to resume from ``ckpt``.
 
-    DDP: the checkpoint's URI, served from memory by the runner's CheckpointIO (``stage``).
-    FSDP: a node-local file of the same dict (Lightning's FSDP loader reads files itself).
-    DeepSpeed: a node-local folder with DeepSpeed's files as they were written.
+    DeepSpeed: the checkpoint's URI, with ``ckpt`` staged in ``strategy`` (the trainer's
+    ``ForgeDeepSpeedStrategy``), whose ``load_checkpoint`` reads this rank's fragments.
+    DDP: the checkpoint's URI, with its full dict served from memory by the runner's
+    CheckpointIO (``stage``). FSDP: a node-local file of that dict (Lightning's FSDP loader
+    reads files itself).
     """
-    if uses_deepspeed_files(spec):
-        folder = _node_local("ds-resume", ckpt.uri)
-        for name in ckpt.manifest.files:
-            if name.startswith(DEEPSPEED_PREFIX):
-                _write_atomic(
-                    folder / name[len(DEEPSPEED_PREFIX) :].replace("--", "/"), ckpt.read(name)
-                )
-        return str(folder)
+    if uses_fragments(spec):
+        strategy.stage(ckpt)
+        return ckpt.uri
     if spec.strategy.name == "fsdp":
         buf = io.BytesIO()
         torch.save(checkpoint_dict(ckpt), buf)

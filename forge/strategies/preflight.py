@@ -10,8 +10,12 @@ What resumes where:
   workers: the format stores each tensor as named flat fragments
   (:mod:`forge.strategies.fragments`), so resharding is arithmetic.
 * Lightning checkpoints resume Lightning recipes only. DDP and FSDP ones hold one full state
-  dict (any world size); DeepSpeed ones are DeepSpeed's own ZeRO files, which load only on the
-  world size and ZeRO stage that wrote them.
+  dict (any world size); DeepSpeed ones hold the same per-rank fragments as the loop's (plus
+  ``lightning.pt``), so they resume under any ZeRO stage on any number of workers. The two
+  kinds do not resume each other: Lightning's DDP/FSDP loaders want the full optimizer state
+  dict, and its DeepSpeed optimizer state cannot be matched to parameters from that dict.
+* DeepSpeed's own ZeRO files (``ds-*``, Lightning checkpoints of forge before the sharded
+  format) are not loadable.
 """
 
 from __future__ import annotations
@@ -21,11 +25,16 @@ import re
 from typing import Any
 
 from forge.config.specs import RunSpec
-from forge.errors import ConfigError
+from forge.errors import CheckpointError, ConfigError
 
 _SHARD_INDEX = re.compile(r"^shard-(\d{5})-of-(\d{5})\.json$")
 _LIGHTNING_FILES = ("lightning.pt",)
-_DEEPSPEED_PREFIX = "ds-"  # forge.strategies.lightning.DEEPSPEED_PREFIX (no torch import here)
+_OLD_DEEPSPEED_PREFIX = "ds-"  # DeepSpeed's own files, as older forge versions stored them
+# What resumes a Lightning checkpoint, by whether it is sharded (DeepSpeed's) or full.
+_LIGHTNING_RESUMES = {
+    True: "a deepspeed_* strategy (any ZeRO stage, any number of workers)",
+    False: "strategy=ddp or strategy=fsdp",
+}
 
 
 def check_available(spec: RunSpec) -> None:
@@ -53,12 +62,19 @@ def check_resumable(spec: RunSpec, uri: str, manifest: Any) -> None:
 
     Raises:
         ConfigError: The checkpoint cannot be loaded into this run's layout.
+        CheckpointError: The checkpoint is in a format this forge does not load.
     """
     files = set(manifest.files)
     saved_by = f"strategy={manifest.strategy} on {manifest.world_size} worker(s)"
-    deepspeed_files = any(name.startswith(_DEEPSPEED_PREFIX) for name in files)
-    lightning = deepspeed_files or any(name in files for name in _LIGHTNING_FILES)
-    workers = spec.scaling.num_workers
+    if any(name.startswith(_OLD_DEEPSPEED_PREFIX) for name in files):
+        raise CheckpointError(
+            f"{uri} ({saved_by}) holds DeepSpeed's own ZeRO files: it was written by an older "
+            "forge and is not loadable (forge no longer unpickles DeepSpeed's files; Lightning "
+            "DeepSpeed checkpoints are now forge's sharded format). Start a new run (without "
+            "resume=), or resume from a checkpoint this forge wrote."
+        )
+    lightning = any(name in files for name in _LIGHTNING_FILES)
+    shards = {int(m.group(1)): int(m.group(2)) for m in map(_SHARD_INDEX.match, files) if m}
     if spec.recipe.kind == "lightning":
         if not lightning:
             raise ConfigError(
@@ -66,30 +82,20 @@ def check_resumable(spec: RunSpec, uri: str, manifest: Any) -> None:
                 "(recipe.kind=lightning) resumes only from its own checkpoints. Load its weights "
                 "in the module instead: forge.checkpoint.consolidate(uri) gives the state dict."
             )
-        if deepspeed_files and (
-            manifest.world_size != workers or manifest.strategy != spec.strategy.name
-        ):
-            raise ConfigError(
-                f"cannot reshard {uri} to strategy={spec.strategy.name} on {workers} worker(s): "
-                f"it holds DeepSpeed's own ZeRO partitions ({saved_by}), which Lightning's "
-                "DeepSpeed strategy loads only on the same world size and stage. Resume with "
-                f"scaling.num_workers={manifest.world_size} strategy={manifest.strategy}, or "
-                "convert it offline with its zero_to_fp32.py and start a new run from the weights."
-            )
-        if deepspeed_files != spec.strategy.name.startswith("deepspeed"):
+        if bool(shards) != spec.strategy.name.startswith("deepspeed"):
             raise ConfigError(
                 f"{uri} ({saved_by}) cannot resume under strategy={spec.strategy.name} in a "
-                "Lightning recipe: DeepSpeed checkpoints and full Lightning checkpoints do not "
-                f"convert into each other there. Resume with strategy={manifest.strategy}."
+                "Lightning recipe: Lightning's DeepSpeed checkpoints (per-rank ZeRO fragments) "
+                "and its full DDP/FSDP checkpoints do not convert into each other there. Resume "
+                f"with {_LIGHTNING_RESUMES[bool(shards)]}, or start a new run and load the "
+                "weights in the module: forge.checkpoint.consolidate(uri) gives the state dict."
             )
-        return
-    if lightning:
+    elif lightning:
         raise ConfigError(
             f"{uri} was written by a Lightning recipe ({saved_by}); a forge-loop recipe "
             "(recipe.kind=loop) cannot resume Lightning's training state. Resume it with the "
             "Lightning recipe, or start a new run (resume=null)."
         )
-    shards = {int(m.group(1)): int(m.group(2)) for m in map(_SHARD_INDEX.match, files) if m}
     if shards:
         expected = set(range(manifest.world_size))
         missing = sorted(expected - set(shards))

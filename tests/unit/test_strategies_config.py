@@ -12,7 +12,7 @@ import pytest
 from forge.checkpoint.manifest import FileEntry, Manifest
 from forge.config.compose import compose
 from forge.config.validate import to_run_spec
-from forge.errors import ConfigError
+from forge.errors import CheckpointError, ConfigError
 from forge.strategies.deepspeed import deepspeed_config
 from forge.strategies.memory import estimate_memory, memory_events
 from forge.strategies.preflight import check_resumable
@@ -286,13 +286,43 @@ def test_a_checkpoint_missing_a_ranks_shard_cannot_be_resharded() -> None:
         check_resumable(spec("strategy=fsdp"), "ckpt", manifest("fsdp", 3, *files))
 
 
-def test_lightning_deepspeed_checkpoint_on_another_world_size_is_refused() -> None:
-    lightning_ds = (
-        "experiment=lightning_digits",
-        "scaling=gpu",
-        "scaling.num_workers=2",
-        "strategy=deepspeed_zero2",
-    )
+def test_lightning_deepspeed_checkpoints_reshard_to_any_stage_and_world_size() -> None:
+    saved = manifest("deepspeed_zero2", 2, "lightning.pt", "rank0.safetensors", *shards(2))
+    for stage in (1, 2, 3):
+        for workers in (1, 2, 3):
+            check_resumable(
+                spec(
+                    "experiment=lightning_digits",
+                    "scaling=gpu",
+                    f"scaling.num_workers={workers}",
+                    f"strategy=deepspeed_zero{stage}",
+                ),
+                "ckpt",
+                saved,
+            )
+    lost = [n for n in saved.files if "00001-of" not in n]
+    with pytest.raises(ConfigError, match=r"rank\(s\) \[1\] are missing"):
+        check_resumable(
+            spec("experiment=lightning_digits", "scaling=gpu", "strategy=deepspeed_zero3"),
+            "ckpt",
+            manifest("deepspeed_zero2", 2, *lost),
+        )
+
+
+def test_lightning_deepspeed_and_full_checkpoints_do_not_resume_each_other() -> None:
+    sharded = manifest("deepspeed_zero2", 2, "lightning.pt", *shards(2))
+    full = manifest("ddp", 2, "model.safetensors", "optim.pt", "lightning.pt")
+    lightning = ("experiment=lightning_digits", "scaling=gpu")
+    with pytest.raises(ConfigError) as info:
+        check_resumable(spec(*lightning, "strategy=fsdp"), "ckpt", sharded)
+    assert "Resume with a deepspeed_* strategy" in str(info.value)
+    assert "forge.checkpoint.consolidate(uri)" in str(info.value)
+    with pytest.raises(ConfigError, match="Resume with strategy=ddp or strategy=fsdp"):
+        check_resumable(spec(*lightning, "strategy=deepspeed_zero3"), "ckpt", full)
+    check_resumable(spec(*lightning, "strategy=fsdp"), "ckpt", full)
+
+
+def test_deepspeed_files_of_an_older_forge_are_refused() -> None:
     saved = manifest(
         "deepspeed_zero2",
         2,
@@ -300,18 +330,18 @@ def test_lightning_deepspeed_checkpoint_on_another_world_size_is_refused() -> No
         "ds-checkpoint--zero_pp_rank_0_mp_rank_00_optim_states.pt",
         "ds-checkpoint--zero_pp_rank_1_mp_rank_00_optim_states.pt",
     )
-    check_resumable(spec(*lightning_ds), "ckpt", saved)  # same world size and stage: fine
-    with pytest.raises(ConfigError) as info:
-        check_resumable(spec(*lightning_ds, "scaling.num_workers=3"), "ckpt", saved)
-    msg = str(info.value)
-    assert "cannot reshard ckpt" in msg and "on 3 worker(s)" in msg
-    assert "scaling.num_workers=2 strategy=deepspeed_zero2" in msg  # what would work
+    lightning_ds = ("experiment=lightning_digits", "scaling=gpu", "strategy=deepspeed_zero2")
+    with pytest.raises(CheckpointError, match="written by an older forge and is not loadable"):
+        check_resumable(spec(*lightning_ds, "scaling.num_workers=2"), "ckpt", saved)
 
 
 def test_checkpoints_do_not_cross_between_lightning_and_loop_recipes() -> None:
     loop_ckpt = manifest("ddp", 2, "model.safetensors", "optim.pt")
     with pytest.raises(ConfigError, match="written by a forge-loop recipe"):
         check_resumable(spec("experiment=lightning_digits"), "ckpt", loop_ckpt)
-    lightning_ckpt = manifest("ddp", 2, "model.safetensors", "optim.pt", "lightning.pt")
-    with pytest.raises(ConfigError, match="written by a Lightning recipe"):
-        check_resumable(spec("strategy=fsdp"), "ckpt", lightning_ckpt)
+    for lightning_ckpt in (
+        manifest("ddp", 2, "model.safetensors", "optim.pt", "lightning.pt"),
+        manifest("deepspeed_zero3", 2, "lightning.pt", *shards(2)),
+    ):
+        with pytest.raises(ConfigError, match="written by a Lightning recipe"):
+            check_resumable(spec("strategy=deepspeed_zero3"), "ckpt", lightning_ckpt)
