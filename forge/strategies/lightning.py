@@ -13,7 +13,7 @@
 
 Lightning's FSDP and DeepSpeed strategies refuse the CPU accelerator, so the config check
 (``RunSpec``) rejects them without ``scaling.use_gpu=true`` before anything launches, and only
-``ddp`` runs (and is tested) on CPU.
+``ddp`` runs on CPU (the DeepSpeed unit tests get past that check with a test-only subclass).
 
 Checkpoints always go through forge's store, and ``Trainer.save_checkpoint(CAPTURE_PATH)`` never
 writes a file. DDP and FSDP store Lightning's full checkpoint dict (captured in memory by the
