@@ -73,7 +73,6 @@ log = logging.getLogger(__name__)  # a child of "forge": rank 0's warnings reach
 
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optim.pt"
-STRATEGY = "ddp"
 
 # forge's precision names -> Lightning's.
 PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
