@@ -22,7 +22,8 @@ as well. This reaches into the ZeRO optimizers' partition tables (``_hp_mapping`
 deepspeed 0.19; the unit tests cover every stage.
 
 Not here: ``deepspeed.zero.Init`` (the recipe builds the whole model on every worker before
-ZeRO-3 partitions it) and NVMe offload checkpoints (state swapped out to NVMe is not read).
+ZeRO-3 partitions it) and NVMe offload (state DeepSpeed swaps out to NVMe is not in memory for
+these checkpoints to read; ``StrategySpec`` refuses ``nvme`` before launch).
 """
 
 from __future__ import annotations
