@@ -1,7 +1,8 @@
 """GPU-only strategy checks (``pytest -m gpu`` on a machine with CUDA GPUs; not run on CPU CI).
 
 * The Lightning path under Lightning's FSDP and DeepSpeed strategies (which refuse CPUs):
-  trains, checkpoints through forge, resumes on the same number of workers.
+  trains, checkpoints through forge, resumes on the same number of workers, and a ZeRO-2
+  checkpoint resumes under ZeRO-3.
 * bf16 on every forge-loop strategy; fp16 with loss scaling on DDP, FSDP and ZeRO-2.
 
 Written without a GPU at hand: treat a failure here as a bug report, not as a broken test.
@@ -85,3 +86,22 @@ def test_fp16_with_loss_scaling(tmp_path: Path, quiet_console, strategy) -> None
     assert result.global_step == 20 and result.metrics["val/loss"] < 5.0
     if strategy != "deepspeed_zero2":
         assert Path(result.last_checkpoint, "grad_scaler.json").is_file()
+
+
+def test_lightning_deepspeed_checkpoint_resumes_under_another_stage(tmp_path: Path, quiet_console):
+    """Lightning + ZeRO-2 checkpoint, resumed by Lightning + ZeRO-3 (forge's fragments reshard)."""
+    base = [
+        "experiment=lightning_digits",
+        "scaling=gpu",
+        f"scaling.num_workers={GPUS}",
+        f"storage.uri={tmp_path}",
+        "run_name=lightning-ds-restage",
+        "checkpoint.every_n_steps=5",
+    ]
+    forge.train([*base, "strategy=deepspeed_zero2", "trainer.max_steps=5"], console=quiet_console)
+    second = forge.train(
+        [*base, "strategy=deepspeed_zero3", "trainer.max_steps=10", "resume=auto"],
+        console=quiet_console,
+    )
+    assert second.global_step == 10
+    assert "at step 5" in quiet_console.file.getvalue()
