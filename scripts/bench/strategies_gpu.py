@@ -28,7 +28,8 @@ Run it (GPU machine, from any directory, repo venv active)::
     python scripts/bench/strategies_gpu.py --smoke               # CPU, tiny model: plumbing only
 
 ``--smoke`` runs every side for a few steps on the CPU with a 2-layer model (its numbers mean
-nothing); it exists so the script itself is checked without a GPU (tests/integration/test_bench_smoke.py).
+nothing); it exists so the script itself is checked without a GPU
+(``tests/integration/test_bench_smoke.py``).
 """
 
 from __future__ import annotations
