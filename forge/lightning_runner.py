@@ -56,7 +56,7 @@ from forge.checkpoint.store import CheckpointStore, CommittedCheckpoint, open_ch
 from forge.checkpoint.streamer import CheckpointStreamer
 from forge.config.specs import LaunchPlan, RunSpec
 from forge.errors import CheckpointError, ConfigError
-from forge.loop import WARMUP_STEPS_FOR_TIMING, WorkerContext, rng_state
+from forge.loop import WARMUP_STEPS_FOR_TIMING, WorkerContext, make_streamer, rng_state
 from forge.recipe import build_params, import_recipe_module
 from forge.strategies.lightning import (
     CAPTURE_PATH,
@@ -520,20 +520,7 @@ def run_lightning(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[s
         # Local storage: straight into the run folder; remote: staged here, uploaded at commits.
         callback.writer = open_run_metrics(plan.run_uri, options)
     writer = callback.writer
-    callback.streamer = CheckpointStreamer(
-        store,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        all_reduce_sum=ctx.all_reduce_sum,
-        gather=ctx.gather,
-        device=ctx.device,
-        max_in_flight=ck.max_in_flight,
-        async_upload=ck.async_upload,
-        on_outage=spec.storage.on_outage,
-        outage_max_s=spec.storage.outage_max_s,
-        on_commit=callback.committed,
-        after_commit=(lambda c: writer.sync()) if writer is not None else None,
-    )
+    callback.streamer = make_streamer(spec, store, ctx, callback.committed, writer)
 
     with tempfile.TemporaryDirectory(prefix="forge-lightning-") as root_dir:
         trainer = make_trainer(spec, callback, io, root_dir, module)

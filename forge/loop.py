@@ -148,19 +148,12 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
 
         # Local storage: straight into the run folder; remote: staged here, uploaded at commits.
         metrics_writer = open_run_metrics(plan.run_uri, store.options)
-    streamer = CheckpointStreamer(
+    streamer = make_streamer(
+        spec,
         store,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        all_reduce_sum=ctx.all_reduce_sum,
-        gather=ctx.gather,
-        device=ctx.device,
-        max_in_flight=ck.max_in_flight,
-        async_upload=ck.async_upload,
-        on_outage=spec.storage.on_outage,
-        outage_max_s=spec.storage.outage_max_s,
+        ctx,
         on_commit=lambda c: ctx.on_progress({"event": "checkpoint", "step": c.step, "uri": c.uri}),
-        after_commit=(lambda c: metrics_writer.sync()) if metrics_writer is not None else None,
+        metrics_writer=metrics_writer,
     )
     ctx.on_progress({"event": "start", "total_steps": total_steps, "step": state.step})
     if is_main:  # what the strategy implies per worker, said before the first step
@@ -342,6 +335,34 @@ def rng_state() -> dict[str, torch.Tensor]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["torch_cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+def make_streamer(
+    spec: RunSpec,
+    store: CheckpointStore,
+    ctx: WorkerContext,
+    on_commit: Callable[[CommittedCheckpoint], None],
+    metrics_writer: Any | None,
+) -> CheckpointStreamer:
+    """This worker's checkpoint streamer; both training paths (loop, Lightning) use it.
+
+    After each commit rank 0 also uploads the run's staged metrics (``metrics_writer.sync``),
+    so a remote run folder's metrics never lag behind its newest checkpoint by more than one.
+    """
+    return CheckpointStreamer(
+        store,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        all_reduce_sum=ctx.all_reduce_sum,
+        gather=ctx.gather,
+        device=ctx.device,
+        max_in_flight=spec.checkpoint.max_in_flight,
+        async_upload=spec.checkpoint.async_upload,
+        on_outage=spec.storage.on_outage,
+        outage_max_s=spec.storage.outage_max_s,
+        on_commit=on_commit,
+        after_commit=(lambda c: metrics_writer.sync()) if metrics_writer is not None else None,
+    )
 
 
 def restore_newest(
