@@ -102,11 +102,19 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
     # Same seed everywhere before building: identical init and data splits on every worker.
     seed_everything(spec.seed)
     recipe = build_recipe(spec)
-    num_params = sum(p.numel() for p in recipe.model.parameters())  # before any sharding
+    if spec.strategy.zero_init and not recipe.builds_model_lazily:
+        raise ConfigError(
+            f"strategy.zero_init=true needs recipe {spec.recipe.module} to give Recipe.model as "
+            "a function that builds the model (model=lambda: MyModel(params)), so that ZeRO-3 "
+            "can partition it while it is built; it gave a built module. Change the recipe, or "
+            "set strategy.zero_init=false."
+        )
     strategy = make_strategy(spec, ctx.rank, ctx.world_size, ctx.device)
-    model, optimizer = strategy.setup(
-        recipe.model, lambda params: make_optimizer(spec.optim, params)
-    )
+    with strategy.init_context():
+        model = recipe.build_model()
+    # The full size, before sharding (ZeRO-3 parameters built partitioned carry it in ds_numel).
+    num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    model, optimizer = strategy.setup(model, lambda params: make_optimizer(spec.optim, params))
     loader, sampler = train_loader(
         recipe.train_data, spec.data, ctx.rank, ctx.world_size, spec.seed, recipe.collate_fn
     )

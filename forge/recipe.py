@@ -37,7 +37,13 @@ class Recipe:
     """Everything the forge loop needs to train one model.
 
     Attributes:
-        model: The module to train, built on CPU; forge moves and wraps it.
+        model: The module to train, built on CPU (forge moves and wraps it); or a function
+            that builds it (``lambda: MyModel(params)``), which lets forge build it where the
+            strategy wants: with ``strategy=deepspeed_zero3 strategy.zero_init=true`` every
+            parameter is partitioned as it is created, so a large model never exists whole on a
+            worker. Such a model must initialize its parameters in its modules' constructors or
+            through ``Module.apply`` (DeepSpeed gathers them for it), not by changing them after
+            their module was built.
         train_data: A map-style dataset; forge shards it across workers.
         loss_fn: ``(model, batch) -> scalar loss`` for one training batch (already on device).
         val_data: Optional held-out dataset, evaluated every ``trainer.val_every_n_steps``.
@@ -68,6 +74,24 @@ class Recipe:
     eval_fn: Callable[[Any, Batch], Mapping[str, Any]] | None = None
     collate_fn: Callable[[list[Any]], Batch] | None = None
     tokens_per_sample: int | None = None
+
+    @property
+    def builds_model_lazily(self) -> bool:
+        """True when ``model`` is a function that builds the model."""
+        import torch
+
+        return callable(self.model) and not isinstance(self.model, torch.nn.Module)
+
+    def build_model(self) -> Any:
+        """The model: ``model`` itself, or what it returns when it is a function.
+
+        Example:
+            >>> import torch
+            >>> recipe = Recipe(model=lambda: torch.nn.Linear(2, 1), train_data=[], loss_fn=None)
+            >>> recipe.build_model()
+            Linear(in_features=2, out_features=1, bias=True)
+        """
+        return self.model() if self.builds_model_lazily else self.model
 
 
 def import_recipe_module(module: str) -> ModuleType:

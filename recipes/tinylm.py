@@ -183,15 +183,16 @@ class TinyLM(nn.Module):
 
         # GPT-2 init: N(0, 0.02) everywhere, zero biases, and the projections that write into the
         # residual stream scaled by 1/sqrt(2 * n_layer) so its variance does not grow with depth.
-        self.apply(self._init_weights)
-        for name, param in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * p.n_layer))
+        # All of it through apply(): under ZeRO-3 with strategy.zero_init=true parameters are
+        # partitioned as they are built, and DeepSpeed gathers them only for apply().
+        residual_std = 0.02 / math.sqrt(2 * p.n_layer)
+        projections = {id(m) for name, m in self.named_modules() if name.endswith(".proj")}
+        self.apply(lambda m: self._init_weights(m, residual_std if id(m) in projections else 0.02))
 
     @staticmethod
-    def _init_weights(module: nn.Module) -> None:
+    def _init_weights(module: nn.Module, std: float) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
@@ -243,7 +244,7 @@ def build(params: Params) -> forge.Recipe:
     data = load_corpus(params.max_files)
     train_data, val_data = split_corpus(data, params.block_size, params.val_fraction)
     return forge.Recipe(
-        model=TinyLM(params),
+        model=lambda: TinyLM(params),  # built by forge (strategy.zero_init: partitioned)
         train_data=train_data,
         val_data=val_data,
         loss_fn=loss_fn,

@@ -61,7 +61,13 @@ Offload = Literal["none", "cpu", "nvme"]
 # One spec for every strategy (the YAML of each `strategy=` option sets only its own keys); a
 # key that belongs to another strategy is refused, so a typo'd combination never passes silently.
 _COMMON_STRATEGY_KEYS = {"name", "activation_checkpointing", "block_classes"}
-_DEEPSPEED_KEYS = {"offload_optimizer", "offload_params", "nvme_path", "train_batch_size"}
+_DEEPSPEED_KEYS = {
+    "offload_optimizer",
+    "offload_params",
+    "nvme_path",
+    "train_batch_size",
+    "zero_init",
+}
 STRATEGY_KEYS: dict[str, set[str]] = {
     "ddp": {"bucket_cap_mb", "find_unused_parameters", "gradient_as_bucket_view"},
     "fsdp": {"sharding"},
@@ -106,6 +112,11 @@ class StrategySpec(Spec):
     train_batch_size: PositiveInt | None = Field(
         None, description="DeepSpeed global batch; must equal data.batch_size x workers x accum"
     )
+    zero_init: bool = Field(
+        False,
+        description="ZeRO-3: build the model partitioned (deepspeed.zero.Init), so no worker "
+        "holds it whole; needs a recipe whose Recipe.model is a function",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -144,6 +155,12 @@ class StrategySpec(Spec):
                 f"strategy.offload_params={self.offload_params} needs ZeRO-3 but "
                 f"strategy={self.name} is stage {stage}: only ZeRO-3 partitions parameters. Use "
                 "strategy=deepspeed_zero3_offload, or strategy.offload_params=none"
+            )
+        if self.zero_init and stage != 3:
+            raise ValueError(
+                f"strategy.zero_init=true builds the model partitioned, which only ZeRO-3 does, "
+                f"but strategy={self.name} is stage {stage}. Use strategy=deepspeed_zero3, or "
+                "strategy.zero_init=false"
             )
         if "nvme" in (self.offload_params, self.offload_optimizer):
             # DeepSpeed swaps NVMe-offloaded state out of memory (its tensors become empty);

@@ -38,6 +38,14 @@ class Strategy(Protocol):
         """Place and wrap the model, then build the optimizer over the wrapped parameters."""
         ...
 
+    def init_context(self) -> AbstractContextManager[Any]:
+        """Where the recipe's model is built when ``Recipe.model`` is a function.
+
+        A no-op except for ZeRO-3 with ``strategy.zero_init=true``, which partitions each
+        parameter as it is created (``deepspeed.zero.Init``).
+        """
+        ...
+
     def no_sync(self, model: nn.Module) -> AbstractContextManager[None]:
         """Skip gradient synchronization (gradient accumulation micro-steps).
 

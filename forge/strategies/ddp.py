@@ -66,6 +66,9 @@ class DDPStrategy:
             )
         return model, make_optimizer(model.parameters())
 
+    def init_context(self) -> AbstractContextManager[None]:
+        return nullcontext()  # built whole on every worker (identical: same seed)
+
     def no_sync(self, model: nn.Module) -> AbstractContextManager[None]:
         return model.no_sync() if isinstance(model, DistributedDataParallel) else nullcontext()
 

@@ -21,8 +21,10 @@ as well. This reaches into the ZeRO optimizers' partition tables (``_hp_mapping`
 ``single_partition_of_fp32_groups``, ``fp32_partitioned_groups_flat``), checked with
 deepspeed 0.19; the unit tests cover every stage.
 
-Not here: ``deepspeed.zero.Init`` (the recipe builds the whole model on every worker before
-ZeRO-3 partitions it) and NVMe offload (state DeepSpeed swaps out to NVMe is not in memory for
+``strategy.zero_init=true`` (ZeRO-3) builds the recipe's model inside ``deepspeed.zero.Init``
+(:meth:`DeepSpeedStrategy.init_context`), so no worker ever holds it whole.
+
+Not here: NVMe offload (state DeepSpeed swaps out to NVMe is not in memory for
 these checkpoints to read; ``StrategySpec`` refuses ``nvme`` before launch).
 """
 
@@ -102,20 +104,50 @@ class DeepSpeedStrategy:
         self.world_size = world_size
         self.device = device
 
-    def setup(
-        self, model: nn.Module, make_optimizer: OptimizerFactory
-    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def _prepare(self) -> None:
         ensure_process_group(self.device)
         # DeepSpeed reads its place from the launcher's variables; Ray sets them for several
         # workers, a single worker (or a unit test) may not have them.
         os.environ.setdefault("LOCAL_RANK", str(self.device.index or 0))
         os.environ.setdefault("RANK", str(self.rank))
         os.environ.setdefault("WORLD_SIZE", str(self.world_size))
-        import deepspeed
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.WARNING)
-        model = model.to(self.device)
+
+    def init_context(self) -> AbstractContextManager[Any]:
+        if not self.spec.strategy.zero_init:
+            return nullcontext()
+        self._prepare()
+        import deepspeed
+
+        # deepspeed.initialize() would attach DeepSpeed to the process group later; zero.Init
+        # needs it now (else it sees a world of one and partitions nothing across workers).
+        deepspeed.init_distributed(
+            dist_backend="nccl" if self.device.type == "cuda" else "gloo",
+            auto_mpi_discovery=False,
+            verbose=False,
+            dist_init_required=False,
+        )
+        # Every parameter is partitioned as soon as its module is built, after rank 0's values
+        # are broadcast, so the run starts from the same weights as under any other strategy.
+        # Module.apply() inside the build sees whole (gathered) parameters; other code that
+        # changes parameters after their module was built does not (see forge.Recipe).
+        offload = self.spec.strategy.offload_params != "none"
+        return deepspeed.zero.Init(
+            config_dict_or_path=deepspeed_config(self.spec, self.world_size),
+            remote_device="cpu" if offload else None,
+            pin_memory=offload and self.spec.scaling.use_gpu,
+        )
+
+    def setup(
+        self, model: nn.Module, make_optimizer: OptimizerFactory
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        self._prepare()
+        import deepspeed
+
+        if not self.spec.strategy.zero_init:  # built partitioned: already where ZeRO wants it
+            model = model.to(self.device)
         # Activation checkpointing before DeepSpeed wraps the model; compile after, with
         # engine.compile(), so ZeRO-3's parameter hooks stay outside the compiled graphs.
         prepare(

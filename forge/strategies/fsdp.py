@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -85,6 +85,9 @@ class FSDPStrategy:
             yield
         finally:
             model.set_requires_gradient_sync(True)
+
+    def init_context(self) -> AbstractContextManager[None]:
+        return nullcontext()  # built whole on every worker (identical: same seed)
 
     def no_sync(self, model: nn.Module) -> AbstractContextManager[None]:
         return self._no_sync(model)

@@ -122,6 +122,37 @@ def test_strategies_give_the_same_loss_curve(trained) -> None:
     assert "peak memory per worker" in console
 
 
+def test_zero_init_on_two_workers_matches_ddp(ray_cluster, tmp_path, quiet_console) -> None:
+    """tinylm (its Recipe.model is a function) built partitioned across 2 workers by
+    strategy.zero_init=true: the same curve as DDP, so rank 0's initial weights reached every
+    partition."""
+    runs = {}
+    for name, extra in (("ddp", []), ("deepspeed_zero3", ["strategy.zero_init=true"])):
+        result = forge.train(
+            [
+                f"ray.address={ray_cluster}",
+                f"storage.uri={tmp_path}",
+                "experiment=tinylm",
+                f"strategy={name}",
+                *extra,
+                "recipe.params.max_files=3",
+                "recipe.params.n_layer=2",
+                "recipe.params.n_embd=32",
+                "recipe.params.block_size=32",
+                "recipe.params.dropout=0.0",
+                "data.batch_size=8",
+                "trainer.max_steps=6",
+                "trainer.log_every_n_steps=1",
+                "trainer.val_every_n_steps=0",
+                "checkpoint.every_n_steps=0",
+                f"run_name=zero-init-{name}",
+            ],
+            console=quiet_console,
+        )
+        runs[name] = losses(result.run_dir)
+    assert_same_curve(runs["ddp"], runs["deepspeed_zero3"], "zero_init")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SLOW)
 def test_every_deepspeed_stage_gives_the_same_loss_curve(trained, name) -> None:

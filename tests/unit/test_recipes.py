@@ -29,7 +29,7 @@ def first_batches(dataset, batch_size: int, n: int) -> list:
 def train_steps(recipe, batches: list, steps: int, lr: float) -> tuple[float, float]:
     """Loss on ``batches`` before and after ``steps`` passes of AdamW over them."""
     torch.manual_seed(0)
-    model = recipe.model
+    model = recipe.build_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
 
     def total_loss() -> float:
@@ -80,9 +80,10 @@ def test_recipe_builds_and_learns(module, params, lr) -> None:
 def test_eval_fn_returns_per_example_values(module, params, values_per_example) -> None:
     recipe = module.build(params)
     batch = first_batches(recipe.val_data, 5, 1)[0]
-    recipe.model.eval()
+    model = recipe.build_model()
+    model.eval()
     with torch.no_grad():
-        metrics = recipe.eval_fn(recipe.model, batch)
+        metrics = recipe.eval_fn(model, batch)
     assert "loss" in metrics
     for name, values in metrics.items():
         assert values.shape == (5 * values_per_example,), name

@@ -345,3 +345,9 @@ def test_checkpoints_do_not_cross_between_lightning_and_loop_recipes() -> None:
     ):
         with pytest.raises(ConfigError, match="written by a Lightning recipe"):
             check_resumable(spec("strategy=deepspeed_zero3"), "ckpt", lightning_ckpt)
+
+
+def test_zero_init_is_a_zero3_option() -> None:
+    msg = config_error("strategy=deepspeed_zero2", "strategy.zero_init=true")
+    assert "strategy.zero_init=true" in msg and "strategy=deepspeed_zero2" in msg
+    assert "strategy=deepspeed_zero3" in msg  # what works

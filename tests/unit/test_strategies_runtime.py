@@ -215,6 +215,34 @@ def test_consolidate_gives_one_full_state_dict_for_every_strategy(tmp_path: Path
             assert torch.allclose(value, states["ddp"][key], atol=1e-6), (name, key)
 
 
+def test_zero_init_builds_the_model_partitioned_and_trains_the_same(tmp_path: Path) -> None:
+    """strategy.zero_init=true: every parameter is a ZeRO-3 partition from the moment it is
+    built (nothing held whole), and the run matches DDP, weights included."""
+    from forge.loop import build_recipe
+    from forge.strategies import make_strategy
+
+    spec = tinylm(tmp_path, "strategy=deepspeed_zero3", "strategy.zero_init=true")
+    strategy = make_strategy(spec, 0, 1, torch.device("cpu"))
+    with strategy.init_context():
+        model = build_recipe(spec).build_model()
+    params = list(model.parameters())
+    assert params and all(hasattr(p, "ds_id") and p.data.numel() == 0 for p in params)
+
+    run_loop(tinylm(tmp_path, "strategy=ddp"), plan(tmp_path / "ddp"), WorkerContext())
+    run_loop(spec, plan(tmp_path / "zero-init"), WorkerContext())
+    assert losses(tmp_path / "zero-init") == pytest.approx(losses(tmp_path / "ddp"), abs=1e-5)
+    ddp = consolidate(CheckpointStore(str(tmp_path / "ddp")).latest().uri)
+    zero = consolidate(CheckpointStore(str(tmp_path / "zero-init")).latest().uri)
+    for key, value in ddp.items():
+        assert torch.allclose(zero[key], value, atol=1e-5), key
+
+
+def test_zero_init_needs_a_model_factory(tmp_path: Path) -> None:
+    spec = digits(tmp_path, "strategy=deepspeed_zero3", "strategy.zero_init=true")
+    with pytest.raises(ConfigError, match=r"Recipe.model as a function"):
+        run_loop(spec, plan(tmp_path / "run"), WorkerContext())
+
+
 def test_activation_checkpointing_recomputes_each_block(tmp_path: Path) -> None:
     """With it on, every block runs twice per micro-batch (forward, then recompute in backward)."""
     import recipes.tinylm as tinylm_recipe
