@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from moto_server import MotoProcess, free_port
 
 # Keep every test's torch to one thread: two cores are shared by workers, raylets and pytest.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -62,48 +63,6 @@ os.environ.update(
         "AWS_EC2_METADATA_DISABLED": "true",
     }
 )
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MotoProcess:
-    """``python -m moto.server`` on 127.0.0.1 in its own process (kill it to kill the server)."""
-
-    def __init__(self) -> None:
-        import subprocess
-        import sys
-        import time
-        import urllib.request
-
-        self.port = _free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.time() + 30
-        while True:
-            try:
-                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1).close()
-                return
-            except OSError:
-                if time.time() > deadline or self.proc.poll() is not None:
-                    self.kill()
-                    raise RuntimeError("moto server did not start") from None
-                time.sleep(0.1)
-
-    def kill(self) -> None:
-        """SIGKILL: no goodbye to open connections, and all its state is gone."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")
@@ -158,7 +117,7 @@ class FaultyS3Proxy:
 
         host, port = upstream.split("://", 1)[1].split(":")
         self.upstream = (host, int(port))
-        self.port = _free_port()
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.fail_every = 0
         self.fail_status = 503

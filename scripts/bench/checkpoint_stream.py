@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,33 +36,15 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "tests"))  # moto_server: the tests' S3 server
+
+from moto_server import MotoProcess  # noqa: E402
 
 MB = 1e6
 
 
-class MotoServer:
-    """``python -m moto.server`` on a free port of 127.0.0.1."""
-
-    def __init__(self) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.endpoint = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.time() + 30
-        while True:
-            try:
-                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1).close()
-                return
-            except OSError:
-                if time.time() > deadline:
-                    self.stop()
-                    raise RuntimeError("moto server did not start") from None
-                time.sleep(0.1)
+class MotoServer(MotoProcess):
+    """The tests' moto server, plus what the benchmark needs: niceness and a reset."""
 
     def renice(self, nice: int) -> bool:
         """Set the server's niceness (lowering it back needs root); False if refused."""
@@ -80,8 +60,7 @@ class MotoServer:
         urllib.request.urlopen(req).close()
 
     def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
+        self.kill()
 
 
 def build(size_mb: float, width: int):
