@@ -25,6 +25,16 @@ class FileEntry:
     def of(data: bytes) -> FileEntry:
         return FileEntry(size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
+    @staticmethod
+    def of_file(path: str, chunk: int = 1 << 24) -> FileEntry:
+        """The entry of a local file, hashed in chunks (never held in memory whole)."""
+        digest, size = hashlib.sha256(), 0
+        with open(path, "rb") as f:
+            while data := f.read(chunk):
+                digest.update(data)
+                size += len(data)
+        return FileEntry(size=size, sha256=digest.hexdigest())
+
 
 @dataclass(frozen=True)
 class Manifest:

@@ -17,7 +17,6 @@ in the background while training goes on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -78,11 +77,7 @@ class CommittedCheckpoint:
             data = storage.read_bytes(storage.join(self.uri, name), self.options)
         except FileNotFoundError:
             raise CheckpointError(f"{self.uri}: {name} is missing.") from None
-        if FileEntry.of(data) != entry:
-            raise CheckpointError(
-                f"{storage.join(self.uri, name)} does not match its manifest "
-                f"(size {len(data)} vs {entry.size}, or sha256 differs): the file is corrupt."
-            )
+        _check(storage.join(self.uri, name), FileEntry.of(data), entry)
         return data
 
     def local_file(self, name: str, workdir: Callable[[], str]) -> str:
@@ -99,19 +94,11 @@ class CommittedCheckpoint:
                 f.write(self.read(name))
             return target
         entry = self._entry(name)
-        digest, size = hashlib.sha256(), 0
         try:
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    digest.update(chunk)
-                    size += len(chunk)
+            actual = FileEntry.of_file(path)
         except FileNotFoundError:
             raise CheckpointError(f"{self.uri}: {name} is missing.") from None
-        if FileEntry(size=size, sha256=digest.hexdigest()) != entry:
-            raise CheckpointError(
-                f"{path} does not match its manifest (size {size} vs {entry.size}, or sha256 "
-                "differs): the file is corrupt."
-            )
+        _check(path, actual, entry)
         return path
 
     def verify_sizes(self) -> None:
@@ -135,6 +122,14 @@ class CommittedCheckpoint:
         with ThreadPoolExecutor(min(_FILE_CONCURRENCY, len(names))) as pool:
             for future in [pool.submit(self.read, name) for name in names]:
                 future.result()
+
+
+def _check(where: str, actual: FileEntry, expected: FileEntry) -> None:
+    if actual != expected:
+        raise CheckpointError(
+            f"{where} does not match its manifest (size {actual.size} vs {expected.size}, or "
+            "sha256 differs): the file is corrupt."
+        )
 
 
 def open_checkpoint(
