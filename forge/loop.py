@@ -354,8 +354,8 @@ def make_streamer(
 ) -> CheckpointStreamer:
     """This worker's checkpoint streamer; both training paths (loop, Lightning) use it.
 
-    After each commit rank 0 also uploads the run's staged metrics (``metrics_writer.sync``),
-    so a remote run folder's metrics never lag behind its newest checkpoint by more than one.
+    After each commit rank 0 also uploads the run's staged metrics (``metrics_writer.sync``), so
+    a remote run folder's metrics keep up with its checkpoints.
     """
     return CheckpointStreamer(
         store,

@@ -108,7 +108,9 @@ class StrategySpec(Spec):
     # deepspeed_*
     offload_optimizer: Offload = Field("none", description="ZeRO-Offload of optimizer state")
     offload_params: Offload = Field("none", description="ZeRO-3 parameter offload")
-    nvme_path: str | None = Field(None, description="local NVMe folder for nvme offload")
+    nvme_path: str | None = Field(
+        None, description="local NVMe folder for nvme offload (refused for now: unused)"
+    )
     train_batch_size: PositiveInt | None = Field(
         None, description="DeepSpeed global batch; must equal data.batch_size x workers x accum"
     )

@@ -68,10 +68,8 @@ def deepspeed_config(spec: RunSpec, world_size: int) -> dict[str, Any]:
         ("offload_optimizer", strategy.offload_optimizer),
         ("offload_param", strategy.offload_params),
     ):
-        if where != "none":
+        if where != "none":  # "cpu": StrategySpec refuses nvme for now
             zero[key] = {"device": where, "pin_memory": spec.scaling.use_gpu}
-            if where == "nvme":
-                zero[key]["nvme_path"] = strategy.nvme_path
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accumulation,

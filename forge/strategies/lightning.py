@@ -109,9 +109,7 @@ def deepspeed_kwargs(spec: RunSpec) -> dict[str, Any]:
         kwargs["offload_optimizer_device"] = s.offload_optimizer
     if s.offload_params != "none":
         kwargs["offload_params_device"] = s.offload_params
-    if s.nvme_path:
-        kwargs["nvme_path"] = s.nvme_path
-    return kwargs
+    return kwargs  # no nvme_path: StrategySpec refuses NVMe offload for now
 
 
 def without_hyper_parameters(checkpoint: dict[str, Any]) -> dict[str, Any]:
