@@ -41,6 +41,18 @@ def ray_cluster() -> Iterator[str]:
 
 
 @pytest.fixture()
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op torch thread for the test: with two test processes on two cores, more
+    would oversubscribe them (and make timings and DeepSpeed's CPU ops crawl)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture()
 def quiet_console():
     """A rich Console writing into a buffer; ``.file.getvalue()`` is what a user would see."""
     import io

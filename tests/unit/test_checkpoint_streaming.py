@@ -32,6 +32,8 @@ from forge.config.validate import to_run_spec
 from forge.errors import CheckpointError
 from forge.loop import WorkerContext, run_loop
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def memory_store(**kwargs: Any) -> CheckpointStore:
     return CheckpointStore(f"memory://forge-stream-{uuid.uuid4().hex}/run", **kwargs)
@@ -413,14 +415,6 @@ def s3_spec(endpoint: str, bucket: str, *overrides: str):
 
 def plan(run_uri: str) -> LaunchPlan:
     return LaunchPlan(run_uri=run_uri, config_hash="h", git_sha="abc", launch_time=time.time())
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.s3

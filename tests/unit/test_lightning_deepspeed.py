@@ -44,6 +44,8 @@ from forge.strategies.fragments import ShardWriter, StateReader
 from forge.strategies.lightning import make_lightning_strategy, resume_path
 from forge.strategies.preflight import check_resumable
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def forget_deepspeed_groups() -> None:
     """DeepSpeed caches the groups it derives from the world group in module globals; after
@@ -77,14 +79,6 @@ def one_process_group():
         if dist.is_initialized():
             dist.destroy_process_group()
         forget_deepspeed_groups()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- a Lightning fit under DeepSpeed on CPU, saved by forge's callback ----------------------------

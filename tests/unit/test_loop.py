@@ -26,17 +26,10 @@ from forge.loader import ShardedSampler, eval_batches, train_loader
 from forge.loop import WorkerContext, run_eval, run_loop
 from forge.recipe import Recipe
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # digits: 1,797 images, 359 held out -> 1,438 training samples.
 TRAIN_SIZE = 1438
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: two test processes on two cores must not oversubscribe them."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def digits_spec(storage: Path, *overrides: str) -> RunSpec:

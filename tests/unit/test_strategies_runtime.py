@@ -37,13 +37,10 @@ def one_process_group():
 
 
 @pytest.fixture(autouse=True)
-def one_thread(monkeypatch: pytest.MonkeyPatch):
+def one_worker_env(monkeypatch: pytest.MonkeyPatch, one_torch_thread: None) -> None:
+    """DeepSpeed's launcher variables for a world of one, and one torch thread."""
     for key, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}.items():
         monkeypatch.setenv(key, value)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def digits(storage: Path, *overrides: str):
