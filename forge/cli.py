@@ -39,15 +39,46 @@ _NO_PRECHECK = {
 }
 
 
+# ``python -m forge VERB ...``: verbs other than training. Each maps to "module:function"; the
+# function takes the remaining arguments and returns the exit code. Modules load only when used.
+VERBS: dict[str, str] = {
+    "export": "forge.export.cli:main",
+    "submit": "forge.jobs_cli:submit_main",
+    "jobs": "forge.jobs_cli:jobs_main",
+    "validate-data": "forge.data.cli:validate_main",
+    "infer-contract": "forge.data.cli:infer_main",
+    "registry": "forge.mlops.cli:registry_main",
+    "score": "forge.mlops.cli:score_main",
+    "monitor": "forge.mlops.cli:monitor_main",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point."""
     argv = list(sys.argv[1:] if argv is None else argv)
     console = make_console()
+    if argv and argv[0] in VERBS:
+        sys.exit(_run_verb(argv[0], argv[1:], console))
     if not _NO_PRECHECK.intersection(argv):
         overrides = [a for a in argv if not a.startswith("-") and not _is_flag_value(argv, a)]
         _exit_on_error(console, lambda: _precheck(overrides))
     sys.argv = [sys.argv[0], *argv]
     _hydra_main()
+
+
+def _run_verb(verb: str, args: list[str], console: Console) -> int:
+    """Run ``python -m forge VERB args``; forge errors become one paragraph and an exit code."""
+    import importlib
+
+    module_name, _, func_name = VERBS[verb].partition(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    code: list[int] = [0]
+
+    def call() -> None:
+        code[0] = int(func(args) or 0)
+
+    _exit_on_error(console, call)
+    return code[0]
 
 
 def _precheck(overrides: list[str]) -> None:
