@@ -77,6 +77,11 @@ def parse(args: Sequence[str]) -> tuple[str, Any, Any]:
         raise ConfigError(f"export needs checkpoint=<uri>. Usage: {USAGE}")
     raw = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(raw, dict)
+    # storage.* says how to reach the checkpoint and export.out; StorageSpec checks its
+    # endpoint against storage.uri, so that is the remote one of the two.
+    remote = [u for u in (raw["checkpoint"], raw["export"].get("out")) if u and "://" in str(u)]
+    if remote:
+        raw["storage"]["uri"] = str(remote[0])
     try:
         settings = ExportSettings(**raw["export"])
         storage_spec = StorageSpec(**raw["storage"])

@@ -253,7 +253,9 @@ def test_loads_only_files_that_match_the_committed_manifest(
         got = load_verified(str(out), fmt)(x).detach().numpy()
         assert np.allclose(got, want, rtol=1e-3, atol=1e-5), fmt
     pt2 = out / "model.pt2"
-    pt2.write_bytes(pt2.read_bytes()[:-1] + b"\0")  # same size, different bytes
+    data = bytearray(pt2.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte different
+    pt2.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="does not match the export manifest"):
         load_verified(str(out), "torch_export")
 
