@@ -115,6 +115,57 @@ def test_default_folder_is_under_the_run_and_a_second_export_is_refused(digits_c
         forge.export(run, settings=cheap(pick="best"))
 
 
+def test_pick_best_uses_the_runs_monitor(tmp_path: Path) -> None:
+    run = tmp_path / "tabular"
+    train_run(str(run), "tabular", "checkpoint.monitor=val/loss", "trainer.val_every_n_steps=2")
+    best = CheckpointStore(str(run), monitor="val/loss").best()
+    assert best is not None
+    result = forge.export(str(run), formats=["safetensors"], settings=cheap(pick="best"))
+    assert result.manifest["step"] == best.step
+    assert result.manifest["metrics"]["val/loss"] == best.manifest.metrics["val/loss"]
+
+
+def test_cli_exports_and_exits_0(tmp_path: Path, digits_ckpt: str, capsys: Any) -> None:
+    from forge.cli import main
+
+    out = tmp_path / "cli"
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "export",
+                f"checkpoint={digits_ckpt}",
+                f"export.out={out}",
+                "export.formats=[safetensors]",
+                "export.latency_batch_sizes=[1]",
+            ]
+        )
+    assert exit_info.value.code == 0
+    assert "safetensors: ok" in capsys.readouterr().err  # forge's console is stderr
+    assert manifest_of(str(out))["formats"]["safetensors"]["status"] == "ok"
+
+
+def test_an_interrupted_upload_leaves_no_manifest(
+    tmp_path: Path, digits_ckpt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import forge.export.folder as folder
+
+    real = folder.storage.write_bytes
+
+    def fail_on_card(uri: str, data: bytes, options: Any = None) -> None:
+        if uri.endswith("README.md"):
+            raise OSError("connection reset")
+        real(uri, data, options)
+
+    monkeypatch.setattr(folder.storage, "write_bytes", fail_on_card)
+    out = tmp_path / "export"
+    with pytest.raises(OSError):
+        forge.export(digits_ckpt, formats=["safetensors"], out=str(out), settings=cheap())
+    assert not (out / "manifest.json").exists()
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match="not a committed export"):
+        load_verified(str(out), "safetensors")
+
+
 def test_bare_onnxruntime_process_reproduces_golden_at_an_unseen_batch_size(
     tmp_path: Path, digits_ckpt: str
 ) -> None:
