@@ -397,6 +397,7 @@ def test_cli_arguments_are_validated(tmp_path: Path) -> None:
     assert settings.tolerance.for_format("onnx").atol == 1e-5
     assert settings.tolerance.for_format("safetensors").rtol == 1e-3
     assert options.endpoint_url == "http://127.0.0.1:9000"
+    assert parse(["checkpoint=x"])[1] == ExportSettings()  # the YAML and the code agree
     with pytest.raises(ConfigError, match="Did you mean 'formats'"):
         parse(["checkpoint=x", "export.formatz=[onnx]"])
     with pytest.raises(ConfigError, match=r"export.formats.0: .*onnxx"):
