@@ -102,12 +102,8 @@ def _check_key(cfg: DictConfig, key: str) -> None:
         if isinstance(node, DictConfig) and part in node:
             node = node[part]
             continue
-        if (
-            node is None
-            and i > 0
-            and parts[i - 2 : i][-1] in ("onnx", "torch_export", "safetensors", "torchscript")
-        ):
-            return  # export.tolerance.<format>.rtol on a format whose tolerance is null
+        if node is None and parts[:2] == ["export", "tolerance"]:
+            return  # export.tolerance.<format>.rtol=...: fills a format's null tolerance
         where = ".".join(parts[:i]) or "the top level"
         known = list(node.keys()) if isinstance(node, DictConfig) else []
         raise ConfigError(

@@ -59,6 +59,7 @@ class ExportResult:
         manifest: Its ``manifest.json`` as written.
         statuses: ``{format: "ok" | "failed" | "parity_failed" | "over_budget"}``.
         table: The parity table of every runtime, as printed.
+        failures: ``"<format>: <why>"`` for each format that is not ``ok``.
     """
 
     uri: str
@@ -209,7 +210,12 @@ def _one_format(
     # manifest will carry (hashed right after writing).
     for name, entry in entries.items():
         folder.check_local(os.path.join(staging, name), entry)
-    runners = _runtimes(fmt, mod, staging, src)
+    try:
+        runners = _runtimes(fmt, mod, staging, src)
+    except Exception as exc:  # an artifact its own runtime cannot load is failed
+        error = f"{fmt}: its runtime could not load the artifact: {type(exc).__name__}: {exc}"
+        log.warning("%s", error)
+        return {"status": "failed", "error": error[:1000]}, []
     rows: list[parity.Row] = []
     for name, runner in runners.items():
         rows += parity.check(name, runner, cases, src.spec, tol)
