@@ -11,7 +11,7 @@ SNIPPETS = {
     "onnx": (
         "import onnxruntime as ort\n"
         'session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])\n'
-        "{outs} = session.run(None, {{{feeds}}})"
+        "{unpack} = session.run(None, {{{feeds}}})  # numpy arrays in, numpy arrays out"
     ),
     "torch_export": (
         "from forge.export import load_verified  # checks sha256 against manifest.json first\n"
@@ -51,6 +51,7 @@ def render(manifest: dict[str, Any], uri: str, data: str, license: str | None) -
     }
     args = ", ".join(i["name"] for i in inputs)
     outs = ", ".join(o["name"] for o in outputs)
+    unpack = outs + ("," if len(outputs) == 1 else "")  # run() returns a list
     feeds = ", ".join(f'"{i["name"]}": {i["name"]}' for i in inputs)
     lines = [
         "---",
@@ -102,7 +103,7 @@ def render(manifest: dict[str, Any], uri: str, data: str, license: str | None) -
         lines += ["", "```python"]
         lines.append(
             SNIPPETS[name].format(
-                uri=uri, outs=outs, args=args, feeds=feeds, module=recipe["module"]
+                uri=uri, outs=outs, unpack=unpack, args=args, feeds=feeds, module=recipe["module"]
             )
         )
         lines += ["```", ""]
