@@ -183,6 +183,15 @@ def test_bare_onnxruntime_process_reproduces_golden_at_an_unseen_batch_size(
         assert got.shape == (7, 10), got.shape
         assert np.allclose(got, want, rtol=1e-3, atol=1e-5), np.abs(got - want).max()
         assert (got.argmax(1) == want.argmax(1)).all()
+        # The model card's three ONNX lines, run as written (in the export folder).
+        card = open(sys.argv[1] + "/README.md").read()
+        snippet = card.split("### onnx: ok")[1].split("```python")[1].split("```")[0]
+        assert len(snippet.strip().splitlines()) == 3, snippet
+        import os
+        os.chdir(sys.argv[1])
+        scope = {"images": x}
+        exec(snippet, scope)
+        assert np.array_equal(scope["logits"], got)
         heavy = [m for m in ("torch", "forge", "onnx") if m in sys.modules]
         assert not heavy, heavy
         print("ok", np.abs(got - want).max())
