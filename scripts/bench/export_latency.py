@@ -9,7 +9,7 @@ one forward call on validation rows at batch 1 and 64:
 * **eager PyTorch**: the same model in eval mode under ``torch.inference_mode()``,
   ``torch.set_num_threads(2)``.
 
-Both run in this one process, interleaved per repeat; the median over ``--repeats`` calls (after
+Both run in this one process, one after the other; the median over ``--repeats`` calls (after
 warm-up) is reported, and the ratio ORT ÷ eager. Target: <= 0.5 at batch 64 for digits and
 tabular (tinylm is reported, not gated).
 
@@ -40,8 +40,8 @@ RECIPES = {
 
 
 def measure(fn, repeats: int) -> float:
-    """Median milliseconds of ``fn()`` after 10 warm-up calls."""
-    for _ in range(10):
+    """Median milliseconds of ``fn()`` after 20 warm-up calls."""
+    for _ in range(20):
         fn()
     times = []
     for _ in range(repeats):
@@ -55,7 +55,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 64])
-    parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=300)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO_ROOT))
 
