@@ -33,6 +33,10 @@ class TrainingError(ForgeError):
     """Training failed on the workers; the message carries the root cause, not Ray's wrapping."""
 
 
+class NonFiniteError(TrainingError):
+    """The loss, the gradients or the weights became NaN/inf; names the step and which one."""
+
+
 class CheckpointError(ForgeError):
     """A checkpoint is missing, corrupt, or cannot be written."""
 
