@@ -531,3 +531,87 @@ def test_best_checkpoint_by_monitor(tmp_path: Path) -> None:
     assert best.manifest.metrics["val/accuracy"] == max(
         c.manifest.metrics.get("val/accuracy", -1) for c in store.committed()
     )
+
+
+# --------------------------------------------------------------------------------------------
+# (f) resume is idempotent for everything a run appends (metrics.jsonl, TensorBoard)
+
+
+def crash_at_log(step: int):
+    def hook(event: dict[str, Any]) -> None:
+        if event.get("event") == "log" and event["step"] == step:
+            raise Crash(step)
+
+    return hook
+
+
+def tensorboard_steps(run_uri: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_uri / "tensorboard"))
+    acc.Reload()  # reads every event file of the folder, applying their purge events
+    return [e.step for e in acc.Scalars(tag)]
+
+
+@pytest.mark.parametrize("fallback", ["restart", "corrupt_newest", "torn_last_line"])
+def test_a_restarted_run_has_one_row_per_step(tmp_path: Path, fallback: str) -> None:
+    """Checkpoint at 20, crash in step 25 (after step 24's row): the restart logs 21-24 again,
+    and the rows of the dead attempt past step 20 are gone, in metrics.jsonl and in TensorBoard.
+    corrupt_newest: step 20 is corrupt, the run falls back to 10 and drops rows past 10.
+    torn_last_line: a SIGKILLed writer left half a row."""
+    overrides = (
+        "trainer.log_every_n_steps=1",
+        "checkpoint.every_n_steps=10",
+        "checkpoint.async_upload=false",
+        "recipe.params.dropout=0.0",
+    )
+    run = tmp_path / "run"
+    straight = run_loop(digits_spec(tmp_path, *overrides), plan_for(tmp_path / "s"), WorkerContext())
+    with pytest.raises(Crash):
+        run_loop(digits_spec(tmp_path, *overrides), plan_for(run), WorkerContext(on_progress=crash_at_log(24)))
+    assert CheckpointStore(str(run)).latest().step == 20
+    if fallback == "corrupt_newest":
+        (run / "checkpoints/step_00000020/model.safetensors").write_bytes(b"x" * 10)
+    if fallback == "torn_last_line":
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write('{"step": 25, "train/lo')
+    resumed = run_loop(digits_spec(tmp_path, *overrides), plan_for(run), WorkerContext())
+    assert resumed["step"] == 30 and resumed["val/loss"] == pytest.approx(straight["val/loss"])
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 31))
+    assert [r["step"] for r in rows if "val/loss" in r] == [10, 20, 30]
+    expected = [
+        json.loads(line)["train/loss"]
+        for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()
+        if "train/loss" in line
+    ]
+    assert [r["train/loss"] for r in rows if "train/loss" in r] == pytest.approx(expected, abs=1e-6)
+    assert tensorboard_steps(run, "train/loss") == list(range(1, 31))
+    assert tensorboard_steps(run, "val/loss") == [10, 20, 30]
+
+
+def test_a_restart_before_the_first_checkpoint_starts_the_rows_over(tmp_path: Path) -> None:
+    overrides = ("trainer.log_every_n_steps=1", "checkpoint.every_n_steps=10")
+    run = tmp_path / "run"
+    with pytest.raises(Crash):
+        run_loop(digits_spec(tmp_path, *overrides), plan_for(run), WorkerContext(on_progress=crash_at_log(7)))
+    run_loop(digits_spec(tmp_path, *overrides, "trainer.max_steps=8"), plan_for(run), WorkerContext())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 9))
+
+
+def test_remote_metrics_drop_rows_past_the_resumed_step() -> None:
+    from forge.checkpoint import storage
+    from forge.metrics import open_run_metrics
+
+    uri = f"memory://resume-metrics-{uuid.uuid4().hex}/run"
+    w = open_run_metrics(uri, tensorboard=False)
+    for step in range(1, 6):
+        w.log(step, {"train/loss": float(step)})
+    w.close()
+    w = open_run_metrics(uri, tensorboard=False, resume_step=3)
+    w.log(4, {"train/loss": 40.0})
+    w.close()
+    rows = [json.loads(x) for x in storage.read_bytes(f"{uri}/metrics.jsonl").splitlines()]
+    assert [(r["step"], r["train/loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
