@@ -615,3 +615,46 @@ def test_remote_metrics_drop_rows_past_the_resumed_step() -> None:
     w.close()
     rows = [json.loads(x) for x in storage.read_bytes(f"{uri}/metrics.jsonl").splitlines()]
     assert [(r["step"], r["train/loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+
+
+# --------------------------------------------------------------------------------------------
+# (g) a checkpoint is ranked only by metrics of its own weights
+
+
+def manifest_metrics(run_uri: Path) -> dict[int, dict[str, float]]:
+    return {c.step: c.manifest.metrics for c in CheckpointStore(str(run_uri)).committed()}
+
+
+def test_with_a_monitor_every_checkpoint_step_is_validated(tmp_path: Path) -> None:
+    """Validation every 15 steps, checkpoints every 10, monitor val/loss: steps 10 and 20 are
+    validated too, and each manifest holds its own step's row (not step 15's)."""
+    spec = digits_spec(
+        tmp_path,
+        "trainer.val_every_n_steps=15",
+        "checkpoint.every_n_steps=10",
+        "checkpoint.monitor=val/loss",
+    )
+    summary = run_loop(spec, plan_for(tmp_path / "run"), WorkerContext())
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["val/loss"] for r in rows if "val/loss" in r}
+    assert sorted(val) == [10, 15, 20, 30]
+    metrics = manifest_metrics(tmp_path / "run")
+    assert sorted(metrics) == [10, 20, 30]
+    for step in (10, 20, 30):
+        assert metrics[step]["val/loss"] == val[step]
+    best_step = min((10, 20, 30), key=lambda s: val[s])
+    assert summary["best_checkpoint"].endswith(f"step_{best_step:08d}")
+
+
+def test_without_a_monitor_a_manifest_never_carries_an_older_validation(tmp_path: Path) -> None:
+    spec = digits_spec(tmp_path, "trainer.val_every_n_steps=15", "checkpoint.every_n_steps=10")
+    run_loop(spec, plan_for(tmp_path / "run"), WorkerContext())
+    metrics = manifest_metrics(tmp_path / "run")
+    assert metrics[10] == {} and metrics[20] == {}  # step 15's val/loss is not theirs
+    assert "val/loss" in metrics[30]
+
+
+def test_a_monitor_the_validation_does_not_produce_is_refused(tmp_path: Path) -> None:
+    spec = digits_spec(tmp_path, "checkpoint.monitor=val/acuracy", "trainer.max_steps=10")
+    with pytest.raises(ConfigError, match=r"val/acuracy.*Did you mean 'val/accuracy'"):
+        run_loop(spec, plan_for(tmp_path / "run"), WorkerContext())
