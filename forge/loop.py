@@ -267,6 +267,7 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
                     strategy.optimizer_step(model, optimizer, trainer.gradient_clip_val)
                     loss_sum += step_loss
                 step_loss.zero_()
+                step_lr = scheduler.get_last_lr()[0]  # what this step trained with, for its row
                 scheduler.step()
                 state.step += 1
 
@@ -282,7 +283,7 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
                     row = {
                         # nan only when every step since the last row was skipped
                         "train/loss": (loss_sum[0] / loss_sum[1]).item(),
-                        "lr": scheduler.get_last_lr()[0],
+                        "lr": step_lr,
                         "epoch": state.epoch,
                     }
                     recent = step_times[-trainer.log_every_n_steps :]
