@@ -199,6 +199,7 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
         state.step,
         # fp16: the loss scaler owns gradient overflow; DeepSpeed steps inside backward.
         check_grads=trainer.precision != "fp16" and not strategy.name.startswith("deepspeed"),
+        can_skip=not strategy.name.startswith("deepspeed"),
     )
 
     def save(metrics: dict[str, float], final: bool = False) -> None:
@@ -373,7 +374,9 @@ def run_eval(
     eval_fn = recipe.eval_fn or (lambda m, b: {"loss": recipe.loss_fn(m, b)})
     totals: dict[str, torch.Tensor] = {}  # name -> (sum, count)
     model.eval()
-    with torch.no_grad():
+    # Validation must not move the training RNG: a run validated at a step (e.g. the last step
+    # of a shorter run that is then continued) trains on exactly as one that was not.
+    with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(ctx.device)):
         for batch, n_valid in eval_batches(
             recipe.val_data, spec.data.batch_size, ctx.rank, ctx.world_size, recipe.collate_fn
         ):
@@ -406,6 +409,10 @@ def run_eval(
     packed = torch.stack([totals[n] for n in names])
     ctx.all_reduce_sum(packed)
     return {f"val/{n}": (packed[i, 0] / packed[i, 1]).item() for i, n in enumerate(names)}
+
+
+def _rng_devices(device: torch.device) -> list[torch.device]:
+    return [device] if device.type == "cuda" else []
 
 
 def rng_state() -> dict[str, torch.Tensor]:

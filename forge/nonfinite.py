@@ -32,7 +32,11 @@ import torch
 from forge.errors import NonFiniteError
 
 LOSS, GRAD_NORM, WEIGHTS = 1, 2, 3
-QUANTITY = {LOSS: "the training loss", GRAD_NORM: "the gradient norm", WEIGHTS: "the weights"}
+QUANTITY = {
+    LOSS: "the training loss was",
+    GRAD_NORM: "the gradient norm was",
+    WEIGHTS: "the weights were",
+}
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -68,6 +72,8 @@ class NonFiniteGuard:
         step: The step training starts from (0, or the resumed step).
         check_grads: Whether :meth:`observe_grads` looks at gradients (not under an fp16 loss
             scaler, which owns overflow; not under DeepSpeed, whose engine steps in backward).
+        can_skip: Whether the error may suggest ``trainer.on_nonfinite=skip`` (the forge loop
+            on DDP/FSDP; not Lightning or DeepSpeed, which refuse it).
 
     Example:
         >>> guard = NonFiniteGuard(torch.device("cpu"), rank=0, world_size=1, step=0)
@@ -86,8 +92,10 @@ class NonFiniteGuard:
         world_size: int,
         step: int,
         check_grads: bool = True,
+        can_skip: bool = True,
     ) -> None:
         self.rank, self.world_size, self.check_grads = rank, world_size, check_grads
+        self.can_skip = can_skip
         kw = {"device": device}
         self._step = torch.tensor(float(step), dtype=torch.float64, **kw)  # counted on device
         self._first = torch.zeros(2, dtype=torch.float64, **kw)  # (step, quantity); 0: none
@@ -149,12 +157,17 @@ class NonFiniteGuard:
             return
         step, kind, rank = min(seen)
         after = " after that step's update" if kind == WEIGHTS else ""
+        skip = (
+            " To skip such steps instead, set trainer.on_nonfinite=skip (counted in "
+            "train/skipped_steps)."
+            if self.can_skip
+            else ""
+        )
         raise NonFiniteError(
-            f"Training went non-finite at step {step}: {QUANTITY[kind]} was NaN or inf{after} "
+            f"Training went non-finite at step {step}: {QUANTITY[kind]} NaN or inf{after} "
             f"(first seen on rank {rank}). The run stopped; no checkpoint of step {step} or "
             "later was committed, so a restart resumes from the last good one. Usual causes: "
-            "a learning rate too high (lower optim.lr, or add optim.warmup_steps), exploding "
-            "gradients (set trainer.gradient_clip_val), a log or division of zero in the loss. "
-            "To skip such steps instead, set trainer.on_nonfinite=skip (counted in "
-            "train/skipped_steps)."
+            "a learning rate too high (lower the learning rate, or warm it up), exploding "
+            "gradients (set trainer.gradient_clip_val), a log or division of zero in the "
+            f"loss.{skip}"
         )

@@ -134,7 +134,7 @@ def test_weights_that_overflow_are_never_checkpointed(tmp_path: Path) -> None:
     """lr=1e38, x=10: loss and gradient are finite, the update sends w to -inf. The step-1
     checkpoint is refused (the weights are checked before every checkpoint)."""
     spec = scalar_spec(tmp_path, [10.0, 1.0], lr=1e38)
-    with pytest.raises(NonFiniteError, match=r"at step 1: the weights was NaN or inf after"):
+    with pytest.raises(NonFiniteError, match=r"at step 1: the weights were NaN or inf after"):
         run_loop(spec, plan_for(tmp_path / "run"), WorkerContext())
     assert committed_steps(tmp_path / "run") == []
 
