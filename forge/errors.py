@@ -23,7 +23,7 @@ class ConfigError(ForgeError):
         >>> to_run_spec(compose(["trainer.max_steps=0"]))
         Traceback (most recent call last):
         ...
-        forge.errors.ConfigError: trainer.max_steps=0 is invalid: Input should be greater than 0. Fix it with trainer.max_steps=<value> (optimizer steps to train).
+        forge.errors.ConfigError: trainer.max_steps=0 is invalid: ... trainer.max_steps=<value> ...
     """
 
 

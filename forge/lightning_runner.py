@@ -249,8 +249,8 @@ class _ForgeCallback(pl.Callback):
             if monitor is not None and values and monitor not in values:
                 raise ConfigError(
                     f"checkpoint.monitor={monitor} is not a metric the module logs in "
-                    f"validation (it logs {', '.join(sorted(values))}).{did_you_mean(monitor, values)}"
-                    " Set checkpoint.monitor to one of them."
+                    f"validation (it logs {', '.join(sorted(values))})."
+                    f"{did_you_mean(monitor, values)} Set checkpoint.monitor to one of them."
                 )
             if values:
                 self.write(step, values)

@@ -202,9 +202,21 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
         can_skip=not strategy.name.startswith("deepspeed"),
     )
 
+    def check_finite(weights: Any = None) -> None:
+        try:
+            guard.check(ctx.all_reduce_sum, weights=weights)
+        except NonFiniteError:
+            # Every rank raises at this (all-reduced) check. What was submitted before passed
+            # it: commit that, so a restart resumes from the last good step.
+            streamer.finish()
+            streamer.close()
+            if metrics_writer is not None:
+                metrics_writer.close()
+            raise
+
     def save(metrics: dict[str, float], final: bool = False) -> None:
         # Never commit a checkpoint of a run that went non-finite (nor non-finite weights).
-        guard.check(ctx.all_reduce_sum, weights=strategy.unwrap(model).parameters())
+        check_finite(weights=strategy.unwrap(model).parameters())
         # Training waits only for the host-memory snapshot; serialization, upload and the
         # commit run in the background (forge.checkpoint.streamer).
         with streamer.snapshot():  # host copies into reused buffers
@@ -236,110 +248,101 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
     # Micro-batches at an epoch's end that cannot fill a whole accumulation group are skipped,
     # so every optimizer step sees exactly accumulate_grad_batches of them.
     usable = steps_per_epoch * trainer.accumulate_grad_batches
-    try:
-        while state.step < total_steps:
-            if state.batch_in_epoch >= usable:
-                state.epoch += 1
-                state.batch_in_epoch = 0
-            sampler.set_epoch(state.epoch, skip=state.batch_in_epoch * spec.data.batch_size)
-            for micro, batch in enumerate(
-                itertools.islice(loader, usable - state.batch_in_epoch), start=1
+    while state.step < total_steps:
+        if state.batch_in_epoch >= usable:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+        sampler.set_epoch(state.epoch, skip=state.batch_in_epoch * spec.data.batch_size)
+        for micro, batch in enumerate(
+            itertools.islice(loader, usable - state.batch_in_epoch), start=1
+        ):
+            state.batch_in_epoch += 1
+            sync_now = micro % trainer.accumulate_grad_batches == 0
+            batch = to_device(batch, ctx.device)
+            with contextlib.nullcontext() if sync_now else strategy.no_sync(model):
+                with strategy.autocast(trainer.precision):
+                    loss = recipe.loss_fn(model, batch)
+                strategy.backward(model, loss, trainer.accumulate_grad_batches)
+            step_loss[0] += loss.detach().float()
+            step_loss[1] += 1
+            if not sync_now:
+                continue
+            guard.observe_grads(model.parameters())
+            # The step's summed loss is non-finite iff one of its micro-batches' was.
+            if skip_nonfinite and guard.step_is_bad(ctx.all_reduce_sum, loss=step_loss[0]):
+                # Every worker skips it: no update, its losses left out of train/loss. The
+                # step still counts, so schedule and data position stay those of a clean run.
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                if not skip_nonfinite:
+                    guard.end_step(loss=step_loss[0])
+                strategy.optimizer_step(model, optimizer, trainer.gradient_clip_val)
+                loss_sum += step_loss
+            step_loss.zero_()
+            step_lr = scheduler.get_last_lr()[0]  # what this step trained with, for its row
+            scheduler.step()
+            state.step += 1
+
+            now = time.perf_counter()
+            step_times.append(now - tick)
+            tick = now
+            if first_step_at is None:
+                first_step_at = time.time()
+
+            if state.step % trainer.log_every_n_steps == 0 or state.step == total_steps:
+                check_finite()  # the loop syncs here anyway
+                ctx.all_reduce_sum(loss_sum)
+                row = {
+                    # nan only when every step since the last row was skipped
+                    "train/loss": (loss_sum[0] / loss_sum[1]).item(),
+                    "lr": step_lr,
+                    "epoch": state.epoch,
+                }
+                recent = step_times[-trainer.log_every_n_steps :]
+                step_s = sum(recent) / len(recent)
+                samples = spec.data.batch_size * trainer.accumulate_grad_batches * ctx.world_size
+                row["throughput/samples_per_s"] = samples / step_s
+                if recipe.tokens_per_sample:
+                    row["throughput/tokens_per_s"] = samples * recipe.tokens_per_sample / step_s
+                if skip_nonfinite:
+                    row["train/skipped_steps"] = guard.skipped
+                loss_sum.zero_()
+                if metrics_writer is not None:
+                    metrics_writer.log(state.step, row)
+                ctx.on_progress({"event": "log", "step": state.step, **row})
+
+            every = spec.checkpoint.every_n_steps
+            save_now = bool(every) and state.step % every == 0 and state.step < total_steps
+            # A checkpoint is ranked only by metrics of its own weights: with a monitor, every
+            # checkpoint step is validated too (not only the val_every_n_steps grid).
+            if (trainer.val_every_n_steps and state.step % trainer.val_every_n_steps == 0) or (
+                save_now and ck.monitor is not None
             ):
-                state.batch_in_epoch += 1
-                sync_now = micro % trainer.accumulate_grad_batches == 0
-                batch = to_device(batch, ctx.device)
-                with contextlib.nullcontext() if sync_now else strategy.no_sync(model):
-                    with strategy.autocast(trainer.precision):
-                        loss = recipe.loss_fn(model, batch)
-                    strategy.backward(model, loss, trainer.accumulate_grad_batches)
-                step_loss[0] += loss.detach().float()
-                step_loss[1] += 1
-                guard.observe_loss(loss)
-                if not sync_now:
-                    continue
-                guard.observe_grads(model.parameters())
-                if skip_nonfinite and guard.step_is_bad(ctx.all_reduce_sum):
-                    # Every worker skips it: no update, its losses left out of train/loss. The
-                    # step still counts, so schedule and data position stay those of a clean run.
-                    optimizer.zero_grad(set_to_none=True)
-                else:
-                    if not skip_nonfinite:
-                        guard.end_step()
-                    strategy.optimizer_step(model, optimizer, trainer.gradient_clip_val)
-                    loss_sum += step_loss
-                step_loss.zero_()
-                step_lr = scheduler.get_last_lr()[0]  # what this step trained with, for its row
-                scheduler.step()
-                state.step += 1
+                last_val, last_val_step = evaluate(), state.step
+                if last_val and metrics_writer is not None:
+                    metrics_writer.log(state.step, last_val)
+                    ctx.on_progress({"event": "val", "step": state.step, **last_val})
+            if save_now:
+                # Only this step's metrics: a manifest never carries an older validation.
+                save(last_val if last_val_step == state.step else {})
+                last_ckpt_step = state.step
+            streamer.poll()  # commits finished uploads; one tiny all-reduce while any is pending
+            if state.step >= total_steps:
+                break
 
-                now = time.perf_counter()
-                step_times.append(now - tick)
-                tick = now
-                if first_step_at is None:
-                    first_step_at = time.time()
-
-                if state.step % trainer.log_every_n_steps == 0 or state.step == total_steps:
-                    guard.check(ctx.all_reduce_sum)  # the loop syncs here anyway
-                    ctx.all_reduce_sum(loss_sum)
-                    row = {
-                        # nan only when every step since the last row was skipped
-                        "train/loss": (loss_sum[0] / loss_sum[1]).item(),
-                        "lr": step_lr,
-                        "epoch": state.epoch,
-                    }
-                    recent = step_times[-trainer.log_every_n_steps :]
-                    step_s = sum(recent) / len(recent)
-                    samples = spec.data.batch_size * trainer.accumulate_grad_batches * ctx.world_size
-                    row["throughput/samples_per_s"] = samples / step_s
-                    if recipe.tokens_per_sample:
-                        row["throughput/tokens_per_s"] = samples * recipe.tokens_per_sample / step_s
-                    if skip_nonfinite:
-                        row["train/skipped_steps"] = guard.skipped
-                    loss_sum.zero_()
-                    if metrics_writer is not None:
-                        metrics_writer.log(state.step, row)
-                    ctx.on_progress({"event": "log", "step": state.step, **row})
-
-                every = spec.checkpoint.every_n_steps
-                save_now = bool(every) and state.step % every == 0 and state.step < total_steps
-                # A checkpoint is ranked only by metrics of its own weights: with a monitor, every
-                # checkpoint step is validated too (not only the val_every_n_steps grid).
-                if (trainer.val_every_n_steps and state.step % trainer.val_every_n_steps == 0) or (
-                    save_now and ck.monitor is not None
-                ):
-                    last_val, last_val_step = evaluate(), state.step
-                    if last_val and metrics_writer is not None:
-                        metrics_writer.log(state.step, last_val)
-                        ctx.on_progress({"event": "val", "step": state.step, **last_val})
-                if save_now:
-                    # Only this step's metrics: a manifest never carries an older validation.
-                    save(last_val if last_val_step == state.step else {})
-                    last_ckpt_step = state.step
-                streamer.poll()  # commits finished uploads; one tiny all-reduce while any is pending
-                if state.step >= total_steps:
-                    break
-
-        if ckpt is not None and state.step == start_step:
-            # Nothing left to train (a finished run started again): report its last checkpoint's
-            # metrics; evaluating again would log a second row for a step already logged.
-            final_val = dict(ckpt.manifest.metrics)
-        elif last_val_step == state.step:
-            final_val = last_val
-        else:
-            final_val = evaluate()
-            if final_val and metrics_writer is not None:
-                metrics_writer.log(state.step, final_val)
-                ctx.on_progress({"event": "val", "step": state.step, **final_val})
-        if last_ckpt_step != state.step:
-            save(final_val, final=True)
-    except NonFiniteError:
-        # Every rank raised at the same check (it is all-reduced). What was submitted before
-        # passed that check: commit it, so a restart resumes from the last good step.
-        streamer.finish()
-        streamer.close()
-        if metrics_writer is not None:
-            metrics_writer.close()
-        raise
+    if ckpt is not None and state.step == start_step:
+        # Nothing left to train (a finished run started again): report its last checkpoint's
+        # metrics; evaluating again would log a second row for a step already logged.
+        final_val = dict(ckpt.manifest.metrics)
+    elif last_val_step == state.step:
+        final_val = last_val
+    else:
+        final_val = evaluate()
+        if final_val and metrics_writer is not None:
+            metrics_writer.log(state.step, final_val)
+            ctx.on_progress({"event": "val", "step": state.step, **final_val})
+    if last_ckpt_step != state.step:
+        save(final_val, final=True)
     last = streamer.finish() or store.latest(verify=False)  # every checkpoint committed
     streamer.close()
     peaks = ctx.gather(peak_memory(ctx.device))  # every rank: gather is a collective

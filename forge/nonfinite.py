@@ -82,7 +82,7 @@ class NonFiniteGuard:
         >>> guard.check(lambda t: None)
         Traceback (most recent call last):
         ...
-        forge.errors.NonFiniteError: Training went non-finite at step 2: the training loss was NaN or inf (first seen on rank 0). ...
+        forge.errors.NonFiniteError: Training went non-finite at step 2: the training loss was ...
     """
 
     def __init__(
@@ -103,7 +103,8 @@ class NonFiniteGuard:
         self.skipped = 0  # steps skipped under the skip policy
 
     def observe_loss(self, loss: torch.Tensor) -> None:
-        """Call with every micro-batch's loss (queued on the device, no sync)."""
+        """Call with a micro-batch's loss, or a sum of them (NaN and inf survive a sum);
+        queued on the device, no sync."""
         self._bad[0] |= ~torch.isfinite(loss.detach()).all()
 
     def observe_grads(self, parameters: Iterable[torch.nn.Parameter]) -> None:
@@ -111,11 +112,15 @@ class NonFiniteGuard:
         if self.check_grads:
             self._bad[1] |= ~all_finite(p.grad for p in parameters if p.grad is not None)
 
-    def step_is_bad(self, all_reduce_sum: Callable[[torch.Tensor], None]) -> bool:
+    def step_is_bad(
+        self, all_reduce_sum: Callable[[torch.Tensor], None], loss: torch.Tensor | None = None
+    ) -> bool:
         """Skip policy: whether any worker saw a non-finite loss or gradient in this step.
 
         A collective and a host sync (call on every rank). Clears this step's observations.
         """
+        if loss is not None:
+            self.observe_loss(loss)
         flag = self._bad.any().to(torch.float64).reshape(1)
         all_reduce_sum(flag)
         self._bad.zero_()
@@ -124,8 +129,13 @@ class NonFiniteGuard:
         self.skipped += int(bad)
         return bad
 
-    def end_step(self) -> None:
-        """Fail policy: record this step if it is the first non-finite one (no sync)."""
+    def end_step(self, loss: torch.Tensor | None = None) -> None:
+        """Fail policy: record this step if it is the first non-finite one (no sync).
+
+        ``loss``: the step's loss (a sum over its micro-batches is enough), if not observed.
+        """
+        if loss is not None:
+            self.observe_loss(loss)
         self._step += 1
         kind = torch.where(
             self._bad[0],

@@ -64,8 +64,7 @@ class Recipe:
         >>> from forge.loop import WorkerContext, run_eval
         >>> x, y = torch.zeros(5, 1), torch.arange(1.0, 6.0)
         >>> model = torch.nn.Linear(1, 1)
-        >>> torch.nn.init.zeros_(model.weight), torch.nn.init.zeros_(model.bias)  # doctest: +ELLIPSIS
-        (...)
+        >>> _ = torch.nn.init.zeros_(model.weight), torch.nn.init.zeros_(model.bias)
         >>> recipe = Recipe(
         ...     model=model,
         ...     train_data=TensorDataset(x, y),
@@ -73,7 +72,8 @@ class Recipe:
         ...     val_data=TensorDataset(x, y),
         ...     eval_fn=lambda m, b: {"abs_error": (m(b[0]).squeeze(-1) - b[1]).abs()},
         ... )
-        >>> spec = RunSpec(recipe={"name": "doc", "module": "recipes.digits"}, data={"batch_size": 2})
+        >>> recipe_spec = {"name": "doc", "module": "recipes.digits"}
+        >>> spec = RunSpec(recipe=recipe_spec, data={"batch_size": 2})
         >>> run_eval(recipe, model, spec, WorkerContext())
         {'val/abs_error': 3.0}
     """

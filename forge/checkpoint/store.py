@@ -422,8 +422,10 @@ def rank_value(metrics: Mapping[str, Any], monitor: str) -> float | None:
     a missing, non-numeric or non-finite value never ranks.
 
     Example:
-        >>> rank_value({"val/loss": 0.3}, "val/loss"), rank_value({"val/loss": float("nan")}, "val/loss")
-        (0.3, None)
+        >>> rank_value({"val/loss": 0.3}, "val/loss")
+        0.3
+        >>> rank_value({"val/loss": float("nan")}, "val/loss") is None
+        True
     """
     value = metrics.get(monitor)
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -168,16 +168,23 @@ def test_a_monitor_validates_every_checkpoint_step(tmp_path: Path) -> None:
 
 def test_without_a_monitor_manifests_carry_no_older_validation(tmp_path: Path) -> None:
     spec = spec_for(
-        tmp_path, "trainer.max_steps=30", "trainer.val_every_n_steps=15", "checkpoint.every_n_steps=10"
+        tmp_path,
+        "trainer.max_steps=30",
+        "trainer.val_every_n_steps=15",
+        "checkpoint.every_n_steps=10",
     )
     run(spec, tmp_path / "run")
-    metrics = {c.step: c.manifest.metrics for c in CheckpointStore(str(tmp_path / "run")).committed()}
+    metrics = {
+        c.step: c.manifest.metrics for c in CheckpointStore(str(tmp_path / "run")).committed()
+    }
     assert metrics[10] == {} and metrics[20] == {}  # step 15's validation is not step 20's
     assert "val/loss" in metrics[30]
 
 
 def test_a_lightning_run_that_goes_non_finite_stops(tmp_path: Path) -> None:
-    spec = spec_for(tmp_path, "trainer.max_steps=10", "recipe.params.lr=1e30", "checkpoint.every_n_steps=1")
+    spec = spec_for(
+        tmp_path, "trainer.max_steps=10", "recipe.params.lr=1e30", "checkpoint.every_n_steps=1"
+    )
     """AdamW at lr 1e30: step 1's update leaves NaN weights, the step-1 checkpoint is refused
     (the weights are checked before every checkpoint) and the run stops naming step 1. The
     message does not suggest on_nonfinite=skip, which the Lightning path refuses."""

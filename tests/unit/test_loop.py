@@ -593,9 +593,15 @@ def test_a_restarted_run_has_one_row_per_step(tmp_path: Path, fallback: str) -> 
         "recipe.params.dropout=0.0",
     )
     run = tmp_path / "run"
-    straight = run_loop(digits_spec(tmp_path, *overrides), plan_for(tmp_path / "s"), WorkerContext())
+    straight = run_loop(
+        digits_spec(tmp_path, *overrides), plan_for(tmp_path / "s"), WorkerContext()
+    )
     with pytest.raises(Crash):
-        run_loop(digits_spec(tmp_path, *overrides), plan_for(run), WorkerContext(on_progress=crash_at_log(24)))
+        run_loop(
+            digits_spec(tmp_path, *overrides),
+            plan_for(run),
+            WorkerContext(on_progress=crash_at_log(24)),
+        )
     assert CheckpointStore(str(run)).latest().step == 20
     if fallback == "corrupt_newest":
         (run / "checkpoints/step_00000020/model.safetensors").write_bytes(b"x" * 10)
@@ -622,8 +628,14 @@ def test_a_restart_before_the_first_checkpoint_starts_the_rows_over(tmp_path: Pa
     overrides = ("trainer.log_every_n_steps=1", "checkpoint.every_n_steps=10")
     run = tmp_path / "run"
     with pytest.raises(Crash):
-        run_loop(digits_spec(tmp_path, *overrides), plan_for(run), WorkerContext(on_progress=crash_at_log(7)))
-    run_loop(digits_spec(tmp_path, *overrides, "trainer.max_steps=8"), plan_for(run), WorkerContext())
+        run_loop(
+            digits_spec(tmp_path, *overrides),
+            plan_for(run),
+            WorkerContext(on_progress=crash_at_log(7)),
+        )
+    run_loop(
+        digits_spec(tmp_path, *overrides, "trainer.max_steps=8"), plan_for(run), WorkerContext()
+    )
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 9))
 

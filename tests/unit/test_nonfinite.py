@@ -71,7 +71,11 @@ def scalar_spec(tmp_path: Path, xs: list[float], **kw: Any) -> RunSpec:
         **kw.pop("trainer", {}),
     }
     return RunSpec(
-        recipe={"name": "scalar", "module": str(path), "params": {"xs": xs, **kw.pop("params", {})}},
+        recipe={
+            "name": "scalar",
+            "module": str(path),
+            "params": {"xs": xs, **kw.pop("params", {})},
+        },
         data={"batch_size": 1, "shuffle": False},
         optim={"name": "sgd", "lr": kw.pop("lr", 0.1), "scheduler": "constant"},
         trainer=trainer,
@@ -170,9 +174,7 @@ def test_fp16_overflow_is_the_scalers_alone(tmp_path: Path, policy: str) -> None
     spec = fp16(scalar_spec(tmp_path, [1.0, 1e35, 1.0, 1.0], log_every=4), on_nonfinite=policy)
     run_loop(spec, plan_for(tmp_path / "run"), WorkerContext())
     assert weight(tmp_path / "run") == pytest.approx(1 - 0.3, abs=1e-6)
-    scaler = json.loads(
-        (tmp_path / "run/checkpoints/step_00000004/grad_scaler.json").read_text()
-    )
+    scaler = json.loads((tmp_path / "run/checkpoints/step_00000004/grad_scaler.json").read_text())
     assert scaler["scale"] == 2.0**15
     if policy == "skip":
         assert rows(tmp_path / "run")[-1]["train/skipped_steps"] == 0

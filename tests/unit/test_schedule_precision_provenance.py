@@ -90,7 +90,10 @@ def rows(run_uri: Path) -> list[dict]:
 def test_the_logged_lr_is_the_lr_of_that_step(tmp_path: Path) -> None:
     """The row of step k shows the learning rate step k trained with (not step k+1's)."""
     spec = digits_spec(
-        tmp_path, "optim.lr=0.01", "optim.warmup_steps=4", "optim.scheduler=linear",
+        tmp_path,
+        "optim.lr=0.01",
+        "optim.warmup_steps=4",
+        "optim.scheduler=linear",
         "optim.min_lr_ratio=0.0",
     )
     run_loop(spec, plan_for(tmp_path / "run"), WorkerContext())
@@ -104,7 +107,9 @@ def test_bf16_trains_on_cpu_close_to_fp32(tmp_path: Path) -> None:
     than bf16's ~3 significant digits allow) and keeps fp32 weights in its checkpoint."""
     run_loop(digits_spec(tmp_path), plan_for(tmp_path / "fp32"), WorkerContext())
     run_loop(
-        digits_spec(tmp_path, "trainer.precision=bf16"), plan_for(tmp_path / "bf16"), WorkerContext()
+        digits_spec(tmp_path, "trainer.precision=bf16"),
+        plan_for(tmp_path / "bf16"),
+        WorkerContext(),
     )
     fp32 = [r["train/loss"] for r in rows(tmp_path / "fp32") if "train/loss" in r]
     bf16 = [r["train/loss"] for r in rows(tmp_path / "bf16") if "train/loss" in r]
@@ -120,7 +125,10 @@ def test_bf16_trains_on_cpu_close_to_fp32(tmp_path: Path) -> None:
 def git(repo: Path, *args: str) -> str:
     return subprocess.run(
         ["git", "-c", "user.email=t@t", "-c", "user.name=t", *args],
-        cwd=repo, check=True, capture_output=True, text=True,
+        cwd=repo,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
 
 
