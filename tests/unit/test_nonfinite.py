@@ -197,3 +197,20 @@ def test_guard_reports_the_earliest_step_over_all_ranks() -> None:
     for guard in guards:
         with pytest.raises(NonFiniteError, match=r"at step 4: .* rank 1\)"):
             guard.check(lambda t, total=total: t.copy_(total))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["strategy=deepspeed_zero2"], "strategy=deepspeed_zero2"),
+        (["experiment=lightning_digits"], "recipe.kind=lightning"),
+    ],
+)
+def test_skip_is_refused_where_a_step_cannot_be_dropped(overrides: list[str], named: str) -> None:
+    from forge.config.compose import compose
+    from forge.config.validate import to_run_spec
+    from forge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"trainer.on_nonfinite=skip .*{named}"):
+        to_run_spec(compose([*overrides, "trainer.on_nonfinite=skip"]))
+    assert to_run_spec(compose(overrides)).trainer.on_nonfinite == "fail"  # the default
