@@ -19,13 +19,16 @@ each on the ``pl.Trainer`` instance forge built:
 * **Validation values and steps.** Lightning's validation ``DistributedSampler`` pads the last
   shard with repeated samples (292/360 instead of the real 359 samples' value), and its
   ``val_check_interval`` counts batches. forge gives validation an unpadded sampler (each rank
-  takes every world_size-th sample; Lightning's ``sync_dist`` mean then sums values and counts
-  over ranks, which is exact), and validation runs when the *optimizer step* is due
-  (:class:`ValidationSchedule`).
+  takes every world_size-th sample), and validation runs when the *optimizer step* is due
+  (:class:`ValidationSchedule`). Lightning's ``sync_dist`` mean of an epoch divides the mean of
+  the ranks' weighted sums by the mean of their sample counts, which is exact, except that the
+  counts are integers and their mean is truncated (359 samples on 2 ranks: 179, not 179.5);
+  forge's ``strategy.reduce`` takes the mean of integer tensors in float64.
 
-These hooks use three Lightning internals (``_DataConnector._resolve_sampler``,
-``_FitLoop._load_combined_loader_states``, ``_TrainingEpochLoop._should_check_val_fx``);
-tests/unit/test_lightning_exact.py fails if a Lightning upgrade changes them.
+These hooks use four Lightning internals (``_DataConnector._resolve_sampler``,
+``_FitLoop._load_combined_loader_states``, ``_TrainingEpochLoop._should_check_val_fx``, and
+``Strategy.reduce`` as the ``sync_dist`` function); tests/unit/test_lightning_exact.py and
+tests/integration/test_lightning_path.py fail if a Lightning upgrade changes them.
 """
 
 from __future__ import annotations
@@ -104,6 +107,17 @@ def make_exact(trainer: pl.Trainer, schedule: ValidationSchedule) -> None:
         ]
 
     fit_loop._load_combined_loader_states = position_train_loaders
+
+    strategy = trainer.strategy
+    reduce = strategy.reduce
+
+    def exact_reduce(tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
+        mean = isinstance(reduce_op, str) and reduce_op.lower() in ("mean", "avg")
+        if mean and isinstance(tensor, torch.Tensor) and not torch.is_floating_point(tensor):
+            tensor = tensor.to(torch.float64)  # a mean of counts is not a whole number
+        return reduce(tensor, group=group, reduce_op=reduce_op)
+
+    strategy.reduce = exact_reduce  # type: ignore[method-assign]
     fit_loop.epoch_loop._should_check_val_fx = lambda data_fetcher: schedule.should_validate(
         trainer
     )
