@@ -195,3 +195,55 @@ def test_a_lightning_run_that_goes_non_finite_stops(tmp_path: Path) -> None:
     for ckpt in CheckpointStore(str(tmp_path / "run")).committed():
         w = bytes_to_tensors(ckpt.read("model.safetensors"))
         assert all(torch.isfinite(t).all() for t in w.values()), ckpt.step
+
+
+def fake_trainer(rank: int, world_size: int, reduce: Any) -> Any:
+    """Just the parts of a pl.Trainer that forge.lightning_exact.make_exact changes."""
+    from types import SimpleNamespace
+
+    connector = SimpleNamespace(
+        _requires_distributed_sampler=lambda dl: True,
+        _resolve_sampler=lambda dl, shuffle, mode=None: "lightning's own sampler",
+    )
+    fit_loop = SimpleNamespace(
+        _load_combined_loader_states=lambda: None, epoch_loop=SimpleNamespace()
+    )
+    return SimpleNamespace(
+        _data_connector=connector,
+        fit_loop=fit_loop,
+        strategy=SimpleNamespace(reduce=reduce),
+        distributed_sampler_kwargs={"num_replicas": world_size, "rank": rank},
+    )
+
+
+def test_validation_shards_are_unpadded_and_the_mean_of_counts_is_not_truncated() -> None:
+    """359 validation samples on 2 ranks: 180 + 179 distinct samples (no padding to 360), and a
+    sync_dist mean of the integer counts is 179.5, not 179 (gloo's mean of ints truncates)."""
+    from pytorch_lightning.trainer.states import RunningStage
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from forge.lightning_exact import ValidationSchedule, make_exact
+
+    def gloo_mean(tensor, group=None, reduce_op="mean"):
+        """Lightning's _sync_ddp mean over 2 ranks whose counts sum to 359: an all-reduce sum,
+        then an in-place division (which truncates an integer tensor)."""
+        total = torch.full_like(tensor, 359)
+        if torch.is_floating_point(tensor):
+            return tensor.copy_(total).div_(2)
+        return tensor.copy_(total / 2)
+
+    loader = DataLoader(TensorDataset(torch.arange(359)), batch_size=64)
+    seen = []
+    for rank in (0, 1):
+        trainer = fake_trainer(rank, 2, gloo_mean)
+        make_exact(trainer, ValidationSchedule())
+        sampler = trainer._data_connector._resolve_sampler(loader, False, RunningStage.VALIDATING)
+        seen.append(list(sampler))
+        assert (
+            trainer._data_connector._resolve_sampler(loader, True, RunningStage.TRAINING)
+            == "lightning's own sampler"
+        )
+        counted = trainer.strategy.reduce(torch.tensor(180 if rank == 0 else 179))
+        assert float(counted) == 179.5
+    assert [len(s) for s in seen] == [180, 179]
+    assert sorted(seen[0] + seen[1]) == list(range(359))
