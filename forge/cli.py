@@ -7,6 +7,7 @@ non-zero exit code instead of a traceback.
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -63,6 +64,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         overrides = [a for a in argv if not a.startswith("-") and not _is_flag_value(argv, a)]
         _exit_on_error(console, lambda: _precheck(overrides))
     sys.argv = [sys.argv[0], *argv]
+    # `forge jobs stop` / `ray job stop` send SIGTERM: handle it like Ctrl-C, so the run lock is
+    # released and the run can resume at once (committed checkpoints are kept either way).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     _hydra_main()
 
 
