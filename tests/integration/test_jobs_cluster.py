@@ -123,14 +123,8 @@ def test_resubmitting_a_running_run_attaches(cluster_client, s3_server, s3_bucke
 def test_stop_keeps_committed_checkpoints_and_resume_continues(
     cluster_client, s3_server, s3_bucket, s3_client, capsys
 ) -> None:
-    args = s3_run(
-        s3_server,
-        s3_bucket,
-        "trainer.max_steps=100000",
-        "checkpoint.every_n_steps=20",
-        "run_name=stopped",
-    )
-    job = jobs.submit(args)
+    args = s3_run(s3_server, s3_bucket, "checkpoint.every_n_steps=20", "run_name=stopped")
+    job = jobs.submit([*args, "trainer.max_steps=100000"])
     deadline = time.time() + 240
     while not committed_steps(s3_client, s3_bucket, "stopped"):
         assert time.time() < deadline and job.status() == "RUNNING", job.logs()[-3000:]
@@ -141,9 +135,7 @@ def test_stop_keeps_committed_checkpoints_and_resume_continues(
     assert steps and all(s % 20 == 0 for s in steps)
     # Every checkpoint folder that exists is committed (a manifest) or was cleaned up later.
     final = max(steps) + 10
-    again = jobs.submit(
-        [*args[:-3], f"trainer.max_steps={final}", "run_name=stopped", "resume=auto"]
-    )
+    again = jobs.submit([*args, f"trainer.max_steps={final}", "resume=auto"])
     assert again.id == f"{job.id}-r1"
     assert again.follow() == 0, again.logs()[-3000:]
     assert f"step {max(steps)}" in again.logs() or "resum" in again.logs().lower()
