@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from forge import jobs
+from forge.errors import ConfigError
 from forge.jobs_cli import jobs_main, submit_main
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
@@ -91,7 +92,7 @@ def test_submit_digits_spread_over_two_nodes_to_s3(
 
 def test_bad_config_never_reaches_the_cluster(cluster_client, job_server, capsys) -> None:
     before = len(job_server.jobs), len(job_server.packages_uploaded)
-    with pytest.raises(Exception, match="max_steps"):
+    with pytest.raises(ConfigError, match="max_steps"):
         submit_main(["trainer.max_step=5"])
     assert (len(job_server.jobs), len(job_server.packages_uploaded)) == before
 
