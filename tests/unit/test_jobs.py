@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -205,6 +206,7 @@ def test_recipe_file_travels_as_a_package_and_imports_where_its_path_is_gone(
     assert module.__file__ == str(Path(package) / "my_cnn.py")
     assert hasattr(module, "build")
     monkeypatch.delitem(sys.modules, "forge_user_recipe_my_cnn", raising=False)
+    shutil.rmtree(plan.staging)
 
 
 # ----------------------------------------------------------------------- follow, attach
