@@ -282,7 +282,19 @@ def check_upload_size(files: Sequence[tuple[str, int]], max_mb: float, working_d
     )
 
 
-_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key)", re.I)
+_SECRET_WORDS = {"secret", "password", "passwd", "token", "credential", "credentials"}
+
+
+def looks_secret(key: str) -> bool:
+    """Whether an override's key names a secret (by whole words: ``max_tokens`` does not).
+
+    Example:
+        >>> looks_secret("+storage.aws_secret_access_key"), looks_secret("params.max_tokens")
+        (True, False)
+    """
+    low = key.lower()
+    words = set(re.split(r"[^a-z0-9]+", low))
+    return bool(words & _SECRET_WORDS) or "access_key" in low or "api_key" in low
 
 
 @dataclass(frozen=True)
@@ -337,7 +349,7 @@ def plan_submission(
     from forge.recipe import stage_recipe_file
 
     overrides = [o for o in overrides if not o.lstrip("+~").startswith("ray.address")]
-    secret = [o for o in overrides if _SECRET_KEY.search(o.partition("=")[0])]
+    secret = [o for o in overrides if looks_secret(o.partition("=")[0])]
     if secret:
         raise ConfigError(
             f"{secret[0].partition('=')[0]}: a secret in an override would be stored in the "
@@ -361,10 +373,10 @@ def plan_submission(
         recipe_path = Path(spec.recipe.module).expanduser().resolve()
         staging = tempfile.mkdtemp(prefix="forge-submit-")
         runtime_env["py_modules"] = [stage_recipe_file(recipe_path, staging)]
-        overrides = [
-            o if not o.startswith("recipe.module=") else f"recipe.module={recipe_path}"
-            for o in overrides
-        ]
+        # Absolute, and explicit even when it came from a config file: every process derives
+        # the package's name from this exact path.
+        overrides = [o for o in overrides if not o.lstrip("+").startswith("recipe.module=")]
+        overrides.append(f"recipe.module={recipe_path}")
     job_id = submission_id(run_name, spec.storage.uri)
     return JobPlan(
         submission_id=job_id,
