@@ -134,6 +134,8 @@ def test_stop_keeps_committed_checkpoints_and_resume_continues(
     assert job.status() == "STOPPED"
     steps = committed_steps(s3_client, s3_bucket, "stopped")
     assert steps and all(s % 20 == 0 for s in steps)
+    time.sleep(10)  # stopped means stopped: no worker goes on committing checkpoints
+    assert committed_steps(s3_client, s3_bucket, "stopped") == steps
     # Every checkpoint folder that exists is committed (a manifest) or was cleaned up later.
     final = max(steps) + 10
     again = jobs.submit([*args, f"trainer.max_steps={final}", "resume=auto"])
@@ -141,6 +143,11 @@ def test_stop_keeps_committed_checkpoints_and_resume_continues(
     assert again.follow() == 0, again.logs()[-3000:]
     assert f"step {max(steps)}" in again.logs() or "resum" in again.logs().lower()
     assert max(committed_steps(s3_client, s3_bucket, "stopped")) == final
+    # Only committed checkpoints remain: the upload the stop interrupted was cleaned up.
+    name = s3_bucket.removeprefix("s3://")
+    listing = s3_client.list_objects_v2(Bucket=name, Prefix="runs/stopped/checkpoints/step_")
+    folders = {o["Key"].split("/")[3] for o in listing.get("Contents", [])}
+    assert folders == {f"step_{s:08d}" for s in committed_steps(s3_client, s3_bucket, "stopped")}
 
 
 @pytest.mark.slow
