@@ -301,3 +301,29 @@ def test_concurrent_submission_of_the_same_run_attaches() -> None:
     client.list_jobs = lambda: []  # the other submitter registered after we listed
     client.jobs["forge-exp-1234"] = SimpleNamespace()
     assert jobs.submit_plan(client, _plan()).attached
+
+
+def test_jobs_cli_list_status_and_stop(monkeypatch, capsys) -> None:
+    from forge.jobs_cli import jobs_main
+
+    job = SimpleNamespace(
+        submission_id="forge-exp-1234",
+        job_id=None,
+        status="RUNNING",
+        start_time=0,
+        metadata={"forge_run_name": "exp"},
+        message="Job is currently running.",
+        driver_exit_code=None,
+    )
+    client = FakeClient("", ["RUNNING"])
+    client.jobs[job.submission_id] = job
+    client.get_job_info = lambda job_id: job
+    client.get_job_status = lambda job_id: job.status
+    client.stop_job = lambda job_id: setattr(job, "status", "STOPPED") or True
+    monkeypatch.setattr(jobs, "make_client", lambda address=None: client)
+    assert jobs_main(["list"]) == 0
+    assert "forge-exp-1234" in capsys.readouterr().out
+    assert jobs_main(["status", "forge-exp-1234"]) == 0
+    assert capsys.readouterr().out.startswith("RUNNING")
+    assert jobs_main(["stop", "forge-exp-1234"]) == 0
+    assert "STOPPED" in capsys.readouterr().err
