@@ -4,7 +4,7 @@ Three ways in, all first-class::
 
     python -m forge trainer.max_steps=200          # Hydra overrides
     forge.train(["experiment=digits"])              # library API (returns a RunResult)
-    ray job submit -- python -m forge ray.address=auto ...   # a running Ray cluster
+    forge.submit(["experiment=digits"], address="http://head:8265")  # a Ray cluster's jobs
 
 Nothing heavy (torch, ray, hydra) is imported by ``import forge``; names load on first use.
 
@@ -26,6 +26,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "compose": "forge.config.compose",
     "train": "forge.api",
+    "submit": "forge.jobs",
+    "JobHandle": "forge.jobs",
     "RunResult": "forge.api",
     "Recipe": "forge.recipe",
     "ExportSpec": "forge.recipe",
@@ -45,12 +47,14 @@ __all__ = [
     "ExportResult",
     "ExportSpec",
     "ForgeError",
+    "JobHandle",
     "Recipe",
     "RunResult",
     "TrainingError",
     "__version__",
     "compose",
     "export",
+    "submit",
     "train",
 ]
 
@@ -59,6 +63,7 @@ if TYPE_CHECKING:
     from forge.config.compose import compose
     from forge.errors import CheckpointError, ClusterError, ConfigError, ForgeError, TrainingError
     from forge.export import ExportResult, export
+    from forge.jobs import JobHandle, submit
     from forge.recipe import ExportSpec, Recipe
 
 

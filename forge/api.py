@@ -85,7 +85,7 @@ def train(
         >>> result.global_step  # doctest: +SKIP
         20
     """
-    from forge.cluster import check_resources, ray_session
+    from forge.cluster import check_resources, check_storage_shared, ray_session
     from forge.launch import launch
     from forge.progress import ConsoleProgress, print_summary
 
@@ -111,6 +111,7 @@ def train(
     )
     with lock, ray_session(spec.ray, spec.verbose):
         check_resources(spec.scaling)
+        check_storage_shared(spec.storage)
         git_sha, dirty = git_state()
         write_provenance(
             plan.run_uri,

@@ -183,6 +183,11 @@ class ScalingSpec(Spec):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker")
     gpus_per_worker: float = Field(1, gt=0, description="GPUs per worker when use_gpu=true")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="how Ray places the workers' bundles on nodes: PACK fills few nodes (fast "
+        "NCCL/gloo within a node), SPREAD spreads them out, STRICT_SPREAD one worker per node",
+    )
 
     @property
     def backend(self) -> str:
@@ -256,6 +261,11 @@ class StorageSpec(Spec):
     break_lock: bool = Field(False, description="take over the run folder's lock")
     lock_stale_after_s: float = Field(
         300, gt=0, description="resume=auto takes over a lock without heartbeat this long"
+    )
+    shared: bool = Field(
+        False,
+        description="a local storage.uri is a file system every node mounts at the same path "
+        "(NFS, Lustre); without it a local path is refused on a multi-node cluster",
     )
 
     @model_validator(mode="before")
