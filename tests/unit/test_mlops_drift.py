@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from profile_stub import make_profile
+from mlops_stubs import make_profile
 
 from forge.mlops.drift import detect_drift, psi
 from forge.mlops.reference import load_profile
@@ -211,3 +211,22 @@ def test_result_is_json(reference):
     result = detect_drift(profile, population(np.random.default_rng(11), SMALL))
     data = json.loads(json.dumps(result.to_dict()))
     assert data["format"] == "forge.drift" and len(data["features"]) == 5
+
+
+def test_report_is_committed_and_self_contained(reference, tmp_path):
+    from forge.checkpoint.manifest import FileEntry
+    from forge.mlops.report import write_report
+
+    _, profile = reference
+    rng = np.random.default_rng(12)
+    result = detect_drift(profile, shifted(population(rng, SMALL), "normal", rng))
+    written = write_report(result, str(tmp_path / "r"), context={"model": "m:1"})
+    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    for name, entry in manifest["files"].items():
+        assert FileEntry.of((tmp_path / "r" / name).read_bytes()).sha256 == entry["sha256"]
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert page.startswith("<!doctype html>") and "DRIFT" in page
+    assert page.count("data:image/png;base64,") == 1 + 6  # scores + 5 features + label
+    assert "src='http" not in page and "<script" not in page
+    assert json.loads((tmp_path / "r" / "drift.json").read_text())["drift"] is True
+    assert set(written) == {"drift.json", "report.html", "manifest.json"}
