@@ -269,6 +269,7 @@ class ContractChecker:
 
     def update(self, frame: pd.DataFrame) -> np.ndarray:
         """Check one batch; returns True for its rows that fail a per-row check."""
+        from forge.data.profile import label_keys
         from forge.data.split import row_hashes
 
         self.rows += len(frame)
@@ -291,7 +292,8 @@ class ContractChecker:
         kept = frame[~failed] if self.drop else frame
         self.kept += len(kept)
         if self.label is not None and self.label in kept.columns:
-            for key, n in kept[self.label].dropna().astype(str).value_counts(sort=False).items():
+            keys = label_keys(kept[self.label]).dropna()
+            for key, n in keys.value_counts(sort=False).items():
                 self.label_counts[key] = self.label_counts.get(key, 0) + int(n)
         return failed
 

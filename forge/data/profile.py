@@ -76,6 +76,24 @@ def equal_frequency_edges(values: np.ndarray, bins: int, lo: float, hi: float) -
     return edges
 
 
+def label_keys(series: pd.Series) -> pd.Series:
+    """Label values as class keys: integral numbers as ``"1"`` (also when read as float).
+
+    Example:
+        >>> label_keys(pd.Series([1.0, 0.0, None])).tolist()
+        ['1', '0', None]
+    """
+    if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
+        values = series.to_numpy(dtype=np.float64, na_value=np.nan)
+        integral = np.isfinite(values) & (values == np.round(values))
+        out = [
+            None if np.isnan(v) else (str(int(v)) if ok else str(v))
+            for v, ok in zip(values, integral, strict=True)
+        ]
+        return pd.Series(out, index=series.index, dtype=object)
+    return series.map(lambda v: None if v is None or v is pd.NA or v != v else str(v))
+
+
 class _Numeric:
     def __init__(self, dtype: str, cap: int, rng: np.random.Generator) -> None:
         self.dtype, self.cap, self.rng = dtype, cap, rng
@@ -231,7 +249,7 @@ class ProfileBuilder:
         for name in frame.columns:
             series = frame[name]
             if name == self.label:
-                for key, n in series.dropna().astype(str).value_counts(sort=False).items():
+                for key, n in label_keys(series).dropna().value_counts(sort=False).items():
                     self.label_counts[key] = self.label_counts.get(key, 0) + int(n)
                 continue
             col = self.columns.get(name)

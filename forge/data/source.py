@@ -148,7 +148,7 @@ def arrow_path(path: str) -> str:
 
 def read_batches(
     source: FileSource,
-    columns: Sequence[str] | None = None,
+    require: Sequence[str] = (),
     batch_rows: int = SCAN_BATCH_ROWS,
     key: str = "data.source",
 ) -> Iterator[pd.DataFrame]:
@@ -156,14 +156,14 @@ def read_batches(
 
     Raises:
         ConfigError: A file is unreadable (truncated, not Parquet/CSV) or lacks a column in
-            ``columns``; the message names the file.
+            ``require``; the message names the file.
     """
     import pyarrow as pa
 
     fs = arrow_filesystem(source)
     for file in source.files:
         try:
-            yield from _file_batches(fs, file.path, source.format, columns, batch_rows)
+            yield from _file_batches(fs, file.path, source.format, require, batch_rows)
         except ConfigError:
             raise
         except (pa.ArrowException, OSError, ValueError) as exc:
@@ -175,7 +175,7 @@ def read_batches(
 
 
 def _file_batches(
-    fs: Any, path: str, fmt: str, columns: Sequence[str] | None, batch_rows: int
+    fs: Any, path: str, fmt: str, require: Sequence[str], batch_rows: int
 ) -> Iterator[pd.DataFrame]:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -184,34 +184,26 @@ def _file_batches(
         if fmt == "parquet":
             reader = pq.ParquetFile(handle)
             names = reader.schema_arrow.names
-            _check_columns(path, names, columns)
-            for batch in reader.iter_batches(batch_size=batch_rows, columns=columns):
+            _check_columns(path, names, require)
+            for batch in reader.iter_batches(batch_size=batch_rows):
                 yield batch.to_pandas()
         else:
             reader = pacsv.open_csv(handle)
             names = reader.schema.names
-            _check_columns(path, names, columns)
+            _check_columns(path, names, require)
             for batch in reader:
                 frame = batch.to_pandas()
-                frame = frame[list(columns)] if columns else frame
                 for start in range(0, len(frame), batch_rows):
                     yield frame.iloc[start : start + batch_rows].reset_index(drop=True)
 
 
-def _check_columns(path: str, names: Sequence[str], columns: Sequence[str] | None) -> None:
+def _check_columns(path: str, names: Sequence[str], require: Sequence[str]) -> None:
     from forge.errors import did_you_mean
 
-    for col in columns or ():
+    for col in require:
         if col not in names:
             raise ConfigError(
                 f"{path} has no column {col!r}.{did_you_mean(col, names)} Its columns: "
                 f"{', '.join(names[:30])}{' ...' if len(names) > 30 else ''}. Fix data.columns, "
                 "data.label or data.split_key."
             )
-
-
-def schema_columns(source: FileSource) -> list[str]:
-    """The column names of the source's first file."""
-    for frame in read_batches(source, batch_rows=1):
-        return list(frame.columns)
-    return []
