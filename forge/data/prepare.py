@@ -424,6 +424,11 @@ def prepare_recipe(spec: RunSpec) -> PreparedData:
 def prepare(spec: RunSpec) -> PreparedData:
     """The data pass for a run: a file source when ``data.source`` is set, else the recipe's."""
     if spec.data.source is not None:
+        from forge.data.recipes import check_file_source
+        from forge.recipe import import_recipe_module
+
+        mod = import_recipe_module(spec.recipe.module)
+        check_file_source(mod, spec.recipe.module, spec.recipe.kind)
         return prepare_files(
             spec.data, StorageOptions.from_spec(spec.storage), spec.scaling.num_workers
         )
