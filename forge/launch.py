@@ -45,8 +45,16 @@ def launch(spec: RunSpec, plan: LaunchPlan, on_progress: ProgressFn) -> dict[str
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
+    datasets = None
+    if plan.data_table is not None:  # a file source: Ray Data reads it, Ray Train shards it
+        from forge.data.feed import make_datasets
+
+        datasets = make_datasets(plan.data_table, spec.seed)
     trainer = TorchTrainer(
         train_fn,
+        datasets=datasets,
+        # Only "train" is split across workers; every worker evaluates all of "val".
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]) if datasets else None,
         train_loop_config={"spec": spec, "plan": plan, "progress": queue},
         torch_config=TorchConfig(backend=scaling.backend),
         scaling_config=ray.train.ScalingConfig(

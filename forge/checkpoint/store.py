@@ -243,6 +243,7 @@ class CheckpointStore:
         state: dict[str, Any] | None = None,
         config_hash: str = "",
         git_sha: str | None = None,
+        data_fingerprint: dict[str, Any] | None = None,
     ) -> CommittedCheckpoint:
         """On rank 0, once every rank's files have landed: manifest, pointer, retention."""
         merged: dict[str, FileEntry] = {}
@@ -262,6 +263,7 @@ class CheckpointStore:
             git_sha=git_sha,
             metrics=dict(metrics or {}),
             state=dict(state or {}),
+            data_fingerprint=data_fingerprint,
         )
         uri = self.step_uri(step)
         storage.write_bytes(storage.join(uri, MANIFEST), manifest.to_json(), self.options)
@@ -285,6 +287,7 @@ class CheckpointStore:
         state: dict[str, Any] | None = None,
         config_hash: str = "",
         git_sha: str | None = None,
+        data_fingerprint: dict[str, Any] | None = None,
     ) -> CommittedCheckpoint | None:
         """Write this rank's ``files``, then commit on rank 0. Call on every rank.
 
@@ -304,6 +307,7 @@ class CheckpointStore:
             state=state,
             config_hash=config_hash,
             git_sha=git_sha,
+            data_fingerprint=data_fingerprint,
         )
 
     def apply_retention(self) -> list[str]:
