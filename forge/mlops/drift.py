@@ -18,7 +18,9 @@ effect sizes take over only when both are large (Evidently keys on the reference
 
 Numeric tests compare the batch with a sample reconstructed from the profile's quantiles and
 frozen histogram (:func:`forge.mlops.reference.reconstruct_sample`); categorical tests use the
-profile's exact counts.
+profile's exact counts. Integer-valued numeric columns (every histogram edge and batch value an
+integer: counts, ages in years) have point masses that a reconstruction would smear, so they
+get the categorical tests on their frozen histogram bins, whose reference counts are exact.
 
 PSI (population stability index, Siddiqi 2006, *Credit Risk Scorecards*, ch. 8) is reported for
 every column on the frozen bins (numeric: the profile's histogram edges; categorical: the
@@ -66,6 +68,8 @@ class ColumnDrift:
         psi: PSI on the frozen bins; ``psi_major`` when above ``monitor.psi_threshold``.
         reference_n / current_n: Non-null values compared.
         bins: Bin labels; ``reference`` / ``current``: proportions per bin (for the plots).
+        binned: A numeric column tested on its frozen bins (integer-valued data).
+        skipped: Why the column was not tested (no values on one side), else None.
     """
 
     column: str
@@ -79,6 +83,8 @@ class ColumnDrift:
     psi_major: bool
     reference_n: int
     current_n: int
+    binned: bool = False
+    skipped: str | None = None
     reference_null_fraction: float = 0.0
     current_null_fraction: float = 0.0
     bins: list[str] = field(default_factory=list)
@@ -138,6 +144,37 @@ def psi(reference: np.ndarray, current: np.ndarray, epsilon: float) -> float:
     return float(np.sum((c - r) * np.log(c / r)))
 
 
+def _compare_counts(
+    ref_vec: np.ndarray, cur_vec: np.ndarray, large: bool, spec: MonitorSpec, alpha_test: float
+) -> tuple[str, float, float | None, float, bool]:
+    """Two count vectors over the same bins: chi-squared (small) or JS distance (large).
+
+    Returns ``(test, statistic, p_value, threshold, drifted)``.
+    """
+    from scipy import stats
+    from scipy.spatial import distance
+
+    if large:
+        ref_p, cur_p = ref_vec / ref_vec.sum(), cur_vec / cur_vec.sum()
+        statistic = float(distance.jensenshannon(ref_p, cur_p))
+        threshold = spec.jensenshannon_threshold
+        return "jensenshannon", statistic, None, threshold, statistic >= threshold
+    table = np.stack([ref_vec, cur_vec])
+    table = table[:, table.sum(axis=0) > 0]
+    if table.shape[1] < 2:  # one bin on both sides: nothing can differ
+        return "chi2", 0.0, 1.0, alpha_test, False
+    res = stats.chi2_contingency(table)
+    p_value = float(res.pvalue)
+    return "chi2", float(res.statistic), p_value, alpha_test, p_value < alpha_test
+
+
+def _is_discrete(ref: Mapping[str, Any], values: np.ndarray) -> bool:
+    """Integer-valued on both sides (counts, ages in years, flags): point masses that a
+    reconstruction between quantile knots would smear out."""
+    edges = np.asarray(ref["histogram"]["edges"], dtype=float)
+    return bool(np.all(edges == np.round(edges)) and np.all(values == np.round(values)))
+
+
 def numeric_drift(
     name: str,
     ref: Mapping[str, Any],
@@ -146,6 +183,11 @@ def numeric_drift(
     alpha_test: float,
 ) -> ColumnDrift:
     """Drift of one numeric column (non-null float values) against its profile entry.
+
+    Continuous columns: KS (small) or normalized Wasserstein (large) against the
+    reconstructed reference sample. Integer-valued columns (every histogram edge and every
+    batch value an integer): the same tests as categorical columns, on the frozen histogram bins,
+    whose reference counts are exact (test names ``chi2``/``jensenshannon``, ``binned``).
 
     Example:
         >>> ref = {"kind": "numeric", "count": 1000, "mean": 0.5, "std": 0.29, "min": 0.0,
@@ -157,9 +199,18 @@ def numeric_drift(
     """
     from scipy import stats
 
-    sample = reconstruct_sample(dict(ref), spec.reference_sample_cap)
     n_ref = int(ref["count"])
-    if min(n_ref, len(values)) > spec.large_sample_rows:
+    edges = ref["histogram"]["edges"]
+    ref_counts = np.asarray(ref["histogram"]["counts"], dtype=float)
+    cur_counts = bin_counts(edges, values).astype(float)
+    large = min(n_ref, len(values)) > spec.large_sample_rows
+    binned = _is_discrete(ref, values)
+    if binned:
+        test, statistic, p_value, threshold, drifted = _compare_counts(
+            ref_counts, cur_counts, large, spec, alpha_test
+        )
+    elif large:
+        sample = reconstruct_sample(dict(ref), spec.reference_sample_cap)
         std = float(ref["std"])
         w = float(stats.wasserstein_distance(sample, values))
         # A constant reference column: any movement is infinite drift, none is none.
@@ -167,12 +218,12 @@ def numeric_drift(
         test, p_value, threshold = "wasserstein", None, spec.wasserstein_threshold
         drifted = statistic >= threshold
     else:
+        sample = reconstruct_sample(dict(ref), spec.reference_sample_cap)
         result = stats.ks_2samp(sample, values)
         statistic, p_value = float(result.statistic), float(result.pvalue)
         test, threshold, drifted = "ks", alpha_test, p_value < alpha_test
-    edges = ref["histogram"]["edges"]
-    ref_p = np.asarray(ref["histogram"]["counts"], dtype=float) / max(n_ref, 1)
-    cur_p = bin_counts(edges, values) / max(len(values), 1)
+    ref_p = ref_counts / max(n_ref, 1)
+    cur_p = cur_counts / max(len(values), 1)
     value = psi(ref_p, cur_p, spec.psi_epsilon)
     return ColumnDrift(
         column=name,
@@ -186,6 +237,7 @@ def numeric_drift(
         psi_major=value > spec.psi_threshold,
         reference_n=n_ref,
         current_n=len(values),
+        binned=binned,
         reference_null_fraction=float(ref.get("null_fraction", 0.0)),
         bins=[f"[{lo:.4g}, {hi:.4g})" for lo, hi in zip(edges[:-1], edges[1:], strict=True)],
         reference=ref_p.tolist(),
@@ -216,9 +268,6 @@ def categorical_drift(
         ...                   0.05).drifted
         True
     """
-    from scipy import stats
-    from scipy.spatial import distance
-
     cats, cur_counts = np.unique(values.astype(str), return_counts=True)
     current = dict(zip(cats.tolist(), cur_counts.tolist(), strict=True))
     known = list(ref_counts)
@@ -227,19 +276,10 @@ def categorical_drift(
     cur_vec = np.array([current.get(c, 0) for c in known + new], dtype=float)
     n_ref, n_cur = int(ref_vec.sum()), int(cur_vec.sum())
     ref_p, cur_p = ref_vec / max(n_ref, 1), cur_vec / max(n_cur, 1)
-    if min(n_ref, n_cur) > spec.large_sample_rows:
-        statistic = float(distance.jensenshannon(ref_p, cur_p))
-        test, p_value, threshold = "jensenshannon", None, spec.jensenshannon_threshold
-        drifted = statistic >= threshold
-    else:
-        table = np.stack([ref_vec, cur_vec])
-        table = table[:, table.sum(axis=0) > 0]
-        if table.shape[1] < 2:  # one category on both sides: nothing can differ
-            statistic, p_value = 0.0, 1.0
-        else:
-            res = stats.chi2_contingency(table)
-            statistic, p_value = float(res.statistic), float(res.pvalue)
-        test, threshold, drifted = "chi2", alpha_test, p_value < alpha_test
+    large = min(n_ref, n_cur) > spec.large_sample_rows
+    test, statistic, p_value, threshold, drifted = _compare_counts(
+        ref_vec, cur_vec, large, spec, alpha_test
+    )
     # PSI bins: the reference categories plus one for everything new.
     psi_ref = np.append(ref_p[: len(known)], 0.0)
     psi_cur = np.append(cur_p[: len(known)], cur_p[len(known) :].sum())
@@ -270,6 +310,25 @@ def _column_drift(
     series = pd.Series(raw)
     nulls = float(series.isna().mean()) if len(series) else 0.0
     present = series.dropna()
+    ref_n = int(ref.get("count", sum(ref.get("counts", {}).values())))
+    if ref_n == 0 or len(present) == 0 or (ref["kind"] == "numeric" and not ref["histogram"]):
+        side = "the reference" if ref_n == 0 or not ref.get("histogram", True) else "the batch"
+        return ColumnDrift(
+            column=name,
+            kind=ref["kind"],
+            test="none",
+            statistic=0.0,
+            p_value=None,
+            threshold=0.0,
+            drifted=False,
+            psi=0.0,
+            psi_major=False,
+            reference_n=ref_n,
+            current_n=len(present),
+            skipped=f"{side} has no values",
+            reference_null_fraction=float(ref.get("null_fraction", 0.0)),
+            current_null_fraction=nulls,
+        )
     if ref["kind"] == "numeric":
         try:
             values = present.to_numpy(dtype=float)

@@ -92,12 +92,12 @@ def load_profile(data: bytes | str | dict[str, Any], where: str = "profile") -> 
         )
     for name, col in raw.get("columns", {}).items():
         kind = col.get("kind")
-        need = {"numeric": ("count", "std", "min", "max", "histogram"), "categorical": ("counts",)}
+        need = {"numeric": ("count", "histogram"), "categorical": ("counts",)}
         if kind not in need:
             raise ValueError(f"{where}: column {name!r} has kind {kind!r}")
         missing = [k for k in need[kind] if k not in col]
         if missing:
-            raise ValueError(f"{where}: numeric column {name!r} lacks {', '.join(missing)}")
+            raise ValueError(f"{where}: {kind} column {name!r} lacks {', '.join(missing)}")
     return ReferenceProfile(raw)
 
 

@@ -123,8 +123,8 @@ def render_html(result: DriftResult, context: dict[str, Any]) -> str:
         >>> "No drift" in render_html(r, {})
         True
     """
-    cols = list(result.features)
-    cols += [c for c in (result.label, result.prediction) if c is not None]
+    cols = [c for c in result.features if c.skipped is None]
+    cols += [c for c in (result.label, result.prediction) if c is not None and c.skipped is None]
     verdict = "DRIFT" if result.drift else "No drift"
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>forge drift report</title>",

@@ -50,9 +50,7 @@ def train_run(run_uri: str, recipe: str, *extra: str) -> str:
     cfg = compose(overrides_for(recipe, str(Path(run_uri).parent), *extra))
     saved = redacted_config(cfg)
     spec = to_run_spec(cfg)
-    write_provenance(
-        run_uri, saved, [], seed=0, world_size=1, git_sha=None, git_dirty=None
-    )
+    write_provenance(run_uri, saved, [], seed=0, world_size=1, git_sha=None, git_dirty=None)
     plan = LaunchPlan(run_uri=run_uri, config_hash=config_hash(saved), launch_time=time.time())
     if spec.recipe.kind == "lightning":
         _train_lightning(spec, plan)

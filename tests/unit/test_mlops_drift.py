@@ -230,3 +230,37 @@ def test_report_is_committed_and_self_contained(reference, tmp_path):
     assert "src='http" not in page and "<script" not in page
     assert json.loads((tmp_path / "r" / "drift.json").read_text())["drift"] is True
     assert set(written) == {"drift.json", "report.html", "manifest.json"}
+
+
+def _loans(rows: int, seed: int) -> pd.DataFrame:
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[2] / "scripts" / "make_tabular_data.py"
+    spec = importlib.util.spec_from_file_location("make_tabular_data", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_frame(rows, seed=seed).drop(columns=["id"])
+
+
+def test_with_forge_data_profile_and_integer_columns():
+    """The real profiler (forge.data.profile) on the loans data, whose age and accounts are
+    integer-valued: those are tested on their frozen bins, and 200 resamples stay quiet."""
+    from forge.data.profile import ProfileBuilder
+
+    frame = _loans(5000, seed=0)
+    builder = ProfileBuilder(label="default")
+    builder.update(frame)
+    profile = load_profile(builder.finish(source="test", fingerprint="f"))
+    rng = np.random.default_rng(13)
+    result = detect_drift(profile, frame.iloc[rng.integers(0, len(frame), SMALL)])
+    tests = {f.column: (f.test, f.binned) for f in result.features}
+    assert tests["accounts"] == ("chi2", True) and tests["age"] == ("chi2", True)
+    assert tests["debt_ratio"] == ("ks", False) and tests["region"] == ("chi2", False)
+    alarms = 0
+    for _ in range(200):
+        alarms += detect_drift(profile, frame.iloc[rng.integers(0, len(frame), SMALL)]).drift
+    assert alarms / 200 <= 0.05, alarms
+    moved = frame.iloc[rng.integers(0, len(frame), SMALL)].copy()
+    moved["accounts"] += 1
+    assert detect_drift(profile, moved).drifted_features == ["accounts"]
