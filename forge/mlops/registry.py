@@ -443,6 +443,29 @@ class Registry:
             name, alias, current["previous"], "rollback", reason, None, current["generation"]
         )
 
+    # -- monitoring history (input of forge.mlops.policy) -------------------------------------
+
+    def record_batch(self, name: str, entry: dict[str, Any]) -> None:
+        """Append one monitored batch (``time``, ``rows``, ``drift``, ...) to the history."""
+        key = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{time.time_ns() % 10**9:09d}-"
+        uri = storage.join(
+            self._model(name), "monitor", "history", f"{key}{uuid.uuid4().hex[:8]}.json"
+        )
+        storage.create_exclusive(uri, json.dumps(entry).encode(), self.options)
+
+    def batches(self, name: str) -> list[dict[str, Any]]:
+        """The monitored batches of ``name``, oldest first."""
+        folder = storage.join(self._model(name), "monitor", "history")
+        names = sorted(e["name"] for e in storage.list_dir(folder, self.options))
+        return [
+            json.loads(storage.read_bytes(storage.join(folder, n), self.options)) for n in names
+        ]
+
+    def last_event(self, name: str, action: str) -> dict[str, Any] | None:
+        """The newest audit entry with ``action``, or None."""
+        found = [e for e in self.audit(name) if e["action"] == action]
+        return found[-1] if found else None
+
     # -- internals ----------------------------------------------------------------------------
 
     def _alias_uri(self, name: str, alias: str, generation: int) -> str:

@@ -37,6 +37,10 @@ class MonitorSpec(Spec):
     max_metric_drop: float = Field(
         0.05, ge=0, description="performance drift: metric drop vs the registered metric"
     )
+    metric: str = Field(
+        "val/accuracy", description="registered metric compared with accuracy on the batch"
+    )
+    out: str | None = Field(None, description="report folder; None: in the registry")
     reference_sample_cap: int = Field(
         20_000, gt=100, description="largest reconstructed reference sample"
     )
@@ -66,6 +70,11 @@ class RegistrySpec(Spec):
 
 
 class ScoreSpec(Spec):
+    """Batch scoring: where predictions go, rows per batch, columns carried beside them."""
+
     out: str | None = None
     batch_size: int = Field(4096, gt=0)
-    keys: tuple[str, ...] = ()
+    keys: tuple[str, ...] | None = Field(
+        None, description="columns copied beside the predictions; None: every non-feature"
+    )
+    concurrency: int = Field(2, gt=0, description="scoring actors")
