@@ -20,7 +20,7 @@ from forge.data.split import val_mask
 from forge.errors import ConfigError
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
-from make_tabular_data import make_frame, write  # noqa: E402
+from make_tabular_data import make_frame, write
 
 OPTS = StorageOptions()
 
