@@ -63,8 +63,7 @@ class DataSpec(Spec):
     )
     check_max_rows: PositiveInt | None = Field(
         None,
-        description="check the contract on the first N rows only (very large data); "
-        "null: all rows",
+        description="check the contract on the first N rows only (very large data); null: all rows",
     )
     shuffle_buffer_rows: PositiveInt = Field(
         10_000, description="per-worker shuffle buffer of a file source (rows)"

@@ -198,8 +198,15 @@ class ContractChecker:
         self._schema_columns: tuple[str, ...] = ()
 
     def _add(
-        self, column: str, check: str, rows: int | None, examples: Iterable[Any], droppable: bool
+        self,
+        column: str,
+        check: str,
+        rows: int | None,
+        examples: Iterable[Any],
+        droppable: bool,
+        data: bool = False,
     ) -> None:
+        """Record failing rows; ``data``: the examples are data values (shown quoted, cut)."""
         v = self.found.get((column, check))
         if v is None:
             v = self.found[(column, check)] = Violation(column, check, 0, [], droppable)
@@ -208,7 +215,7 @@ class ContractChecker:
         for ex in examples:
             if len(v.examples) >= MAX_EXAMPLES:
                 break
-            text = _example(ex)
+            text = _example(ex) if data else str(ex)
             if text not in v.examples:
                 v.examples.append(text)
 
@@ -264,6 +271,7 @@ class ContractChecker:
                         int(group["index"].nunique()),
                         group["failure_case"].head(MAX_EXAMPLES * 2),
                         droppable=True,
+                        data=True,
                     )
         return failed
 

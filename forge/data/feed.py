@@ -70,31 +70,49 @@ class SplitRows:
         return frame[keep].reset_index(drop=True)
 
 
-def _read(source: FileSource) -> Any:
+def _read(source: FileSource, cpus: float | None) -> Any:
     import ray.data
 
     paths = [arrow_path(p) for p in source.paths]
     fs = arrow_filesystem(source)
     if source.format == "parquet":
-        return ray.data.read_parquet(paths, filesystem=fs, file_extensions=None)
-    return ray.data.read_csv(paths, filesystem=fs, file_extensions=None)
+        return ray.data.read_parquet(paths, filesystem=fs, file_extensions=None, num_cpus=cpus)
+    return ray.data.read_csv(paths, filesystem=fs, file_extensions=None, num_cpus=cpus)
 
 
-def make_datasets(table: TableInfo, seed: int) -> dict[str, Any]:
-    """``{"train": Dataset, "val": Dataset}`` (val only when there is validation data)."""
-    train = _read(table.source)
+def make_datasets(table: TableInfo, seed: int, cpus: float | None = None) -> dict[str, Any]:
+    """``{"train": Dataset, "val": Dataset}`` (val only when there is validation data).
+
+    ``cpus``: CPUs each read/transform task reserves (None: Ray Data's default, one). The
+    launcher passes 0 when the training workers reserve every CPU of the cluster, which would
+    otherwise leave Ray Data's tasks waiting forever.
+    """
+    train = _read(table.source, cpus)
     out = {
         "train": train.map_batches(
-            SplitRows(table, "train"), batch_format="pandas", zero_copy_batch=False
+            SplitRows(table, "train"), batch_format="pandas", zero_copy_batch=False, num_cpus=cpus
         ).randomize_block_order(seed=seed)
     }
     if table.val is not None:
-        out["val"] = _read(table.val).map_batches(
-            SplitRows(table, "val_source"), batch_format="pandas"
+        out["val"] = _read(table.val, cpus).map_batches(
+            SplitRows(table, "val_source"), batch_format="pandas", num_cpus=cpus
         )
     elif table.val_fraction:
-        out["val"] = train.map_batches(SplitRows(table, "val"), batch_format="pandas")
+        out["val"] = train.map_batches(
+            SplitRows(table, "val"), batch_format="pandas", num_cpus=cpus
+        )
     return out
+
+
+def data_cpus(cluster_cpus: float, training_cpus: float) -> float | None:
+    """CPUs per Ray Data task: Ray's default while a whole CPU is spare, else 0 (the tasks
+    share the training workers' CPUs rather than wait for a free one).
+
+    Example:
+        >>> data_cpus(4, 2), data_cpus(2, 2)
+        (None, 0)
+    """
+    return None if cluster_cpus - training_cpus >= 1 else 0
 
 
 class FileFeed:

@@ -133,7 +133,9 @@ def _bad_labels(frame: pd.DataFrame, label: str) -> int:
     return int(frame[label].isna().sum())
 
 
-def prepare_files(data: DataSpec, options: StorageOptions, world_size: int = 1) -> PreparedData:
+def prepare_files(
+    data: DataSpec, options: StorageOptions, world_size: int = 1, check_batches: bool = True
+) -> PreparedData:
     """Check and profile a file source (``data.source``) on the driver.
 
     Raises:
@@ -223,7 +225,7 @@ def prepare_files(data: DataSpec, options: StorageOptions, world_size: int = 1) 
         )
         if violations:
             table = violation_table(violations)
-            blocking = [v for v in violations if not (drop and v.droppable)]
+            blocking = [v for v in violations if not v.droppable] if drop else []
             if data.on_violation == "fail" or blocking:
                 why = (
                     ""
@@ -285,7 +287,7 @@ def prepare_files(data: DataSpec, options: StorageOptions, world_size: int = 1) 
     else:
         classes = []
     per_worker = counts["train"] // world_size
-    if per_worker < data.batch_size:
+    if check_batches and per_worker < data.batch_size:
         raise ConfigError(
             f"data.source={data.source} has {counts['train']} training rows: {per_worker} per "
             f"worker, fewer than data.batch_size={data.batch_size}, so no full batch exists. "
