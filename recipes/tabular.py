@@ -162,7 +162,19 @@ def build(params: Params, data: TableInfo | None = None) -> forge.Recipe:
             params.dropout,
             num_classes=len(data.classes),
         )
-        return forge.Recipe(model=model, train_data=None, loss_fn=loss_fn, eval_fn=eval_fn)
+        # Export examples: seeded rows around the training means (parity needs real-looking
+        # inputs, and the file source's rows live on the workers' Ray Data shards).
+        g = torch.Generator().manual_seed(0)
+        example = torch.from_numpy(mean) + torch.from_numpy(std) * torch.randn(
+            64, len(mean), generator=g
+        )
+        return forge.Recipe(
+            model=model,
+            train_data=None,
+            loss_fn=loss_fn,
+            eval_fn=eval_fn,
+            export=export_spec(example, width=data.width),
+        )
     train_data, val_data = split(*load_frame(), params.val_fraction, params.split_seed)
     # Statistics from the training split only, so nothing about validation leaks into the model.
     train_features = train_data.tensors[0]
@@ -183,7 +195,7 @@ def build(params: Params, data: TableInfo | None = None) -> forge.Recipe:
     )
 
 
-def export_spec(val_features: torch.Tensor) -> forge.ExportSpec:
+def export_spec(val_features: torch.Tensor, width: int = len(FEATURE_NAMES)) -> forge.ExportSpec:
     """What the served model takes: raw feature rows, any batch size; for ``forge export``."""
     return forge.ExportSpec(
         input_names=("features",),
@@ -191,7 +203,7 @@ def export_spec(val_features: torch.Tensor) -> forge.ExportSpec:
         example=lambda n: (forge.ExportSpec.rows(val_features, n),),
         dynamic_dims={"features": {0: "batch"}},
         task="classification",
-        preprocessing=f"None: raw float32 rows (N, {len(FEATURE_NAMES)}) in FEATURE_NAMES order. "
+        preprocessing=f"None: raw float32 rows (N, {width}) in feature order. "
         "Standardization is inside the model (training-split mean/std as buffers). "
         "Argmax 0 = malignant, 1 = benign.",
     )

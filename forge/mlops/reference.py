@@ -14,7 +14,9 @@ A profile holds histograms and quantiles, not raw rows. Two things are rebuilt f
   Capping n at ``cap`` under-states the reference's size, which only makes the two-sample
   tests more conservative. Limitation: a numeric column with few distinct values (counts,
   flags) is smoothed between its knots; profile such columns as categorical to test them
-  exactly.
+  exactly. The two outer segments (min to the 1% quantile, 99% to max) are bent so the
+  sample's mean equals the profile's (:func:`_fit_tails`): a straight line to a skewed column's
+  max over-weights its tail.
 * **Frozen bins** for PSI (:func:`bin_counts`): the histogram's edges as stored, with values
   below ``edges[0]`` in the first bin and above ``edges[-1]`` in the last, as FORMATS.md says.
 
@@ -145,7 +147,40 @@ def reconstruct_sample(col: dict[str, Any], cap: int = 20_000) -> np.ndarray:
     # np.interp needs increasing xp: where F is flat over an x-range (a gap in the data), the
     # quantile function jumps, so keep the last x of each flat run.
     keep = np.concatenate([f[1:] > f[:-1], [True]])
-    return np.interp(levels, f[keep], x[keep])
+    f, x = f[keep], x[keep]
+    sample = np.interp(levels, f, x)
+    if len(f) >= 4 and col.get("mean") is not None:
+        sample = _fit_tails(sample, levels, f, x, float(col["mean"]))
+    return sample
+
+
+def _fit_tails(
+    sample: np.ndarray, levels: np.ndarray, f: np.ndarray, x: np.ndarray, mean: float
+) -> np.ndarray:
+    """Reshape the two outer segments (``min`` to the first knot, the last knot to ``max``)
+    so the sample's mean equals the profile's.
+
+    Those segments hold ~1% of the mass each but span the extremes; a straight line spreads
+    that mass evenly up to ``max``, which over-weights the tail of a skewed column (5% of a
+    lognormal's std in Wasserstein distance). Each tail becomes ``knot + extent * t**k``
+    (``t`` = 0 at the knot, 1 at the extreme); ``k = 1`` is the straight line. Its mean is
+    ``knot + extent / (k + 1)``, so one ``k`` that makes the overall mean match is solved in
+    closed form and clamped to ``[0.5, 1000]``. Symmetric tails cannot move the mean; they
+    stay straight.
+    """
+    lo_f, hi_f = f[1], f[-2]
+    lower, upper = levels < lo_f, levels > hi_f
+    w_l, w_u = lower.mean(), upper.mean()
+    e_l, e_u = x[1] - x[0], x[-1] - x[-2]
+    d = w_u * e_u - w_l * e_l
+    if abs(d) < 1e-12 * max(abs(e_u), abs(e_l), 1e-300):
+        return sample
+    inv = 0.5 + (mean - float(sample.mean())) / d  # 1 / (k + 1)
+    k = float(np.clip(1.0 / inv - 1.0, 0.5, 1000.0)) if inv > 0 else 1000.0
+    out = sample.copy()
+    out[lower] = x[1] - e_l * ((lo_f - levels[lower]) / lo_f) ** k
+    out[upper] = x[-2] + e_u * ((levels[upper] - hi_f) / (1.0 - hi_f)) ** k
+    return out
 
 
 def bin_counts(edges: list[float] | np.ndarray, values: np.ndarray) -> np.ndarray:

@@ -1,7 +1,9 @@
 """Scoring pandas batches with a registered model's ONNX artifact through onnxruntime.
 
 The model's input columns are the reference profile's features, in the profile's order (the
-training data's column order); the export's first input must take exactly that many. Used by
+training data's column order, which is forge.data's feature order for numeric columns); the
+export's first input must take exactly that many. Nulls go in as NaN, as in training (the
+tabular model maps them to the training mean). Categorical inputs are refused for now. Used by
 ``python -m forge score`` inside Ray Data ``map_batches`` and, directly, by evaluation.
 """
 
@@ -67,6 +69,16 @@ class OnnxScorer:
                 f"{mv}: its ONNX export has status {status!r}; a format that did not pass the "
                 "parity gate is not served. Export again and register the new version."
             )
+        profile = mv.profile()
+        categorical = [c for c in profile.features if profile.columns[c]["kind"] != "numeric"]
+        if categorical:
+            # The one-hot encoding of a file source's categorical columns is forge.data's
+            # (TableInfo.encode) and is not part of the export yet: refuse, never mis-feed.
+            raise ConfigError(
+                f"{mv}: inputs {categorical[:5]} are categorical; scoring raw rows of models "
+                "with categorical inputs is not supported yet (their one-hot encoding is not "
+                "in the export). Train on numeric columns (data.columns=[...]) to score here."
+            )
         files = mv.export_manifest["formats"]["onnx"].get("files", ["model.onnx"])
         if len(files) > 1:  # external weights: onnxruntime needs the files side by side
             import os
@@ -79,7 +91,7 @@ class OnnxScorer:
                 model = f.read()
         else:
             model = mv.read(f"export/{files[0]}")
-        return OnnxScorer(model, mv.profile().features, providers)
+        return OnnxScorer(model, profile.features, providers)
 
     def check_columns(self, columns: Any) -> None:
         """Raise ConfigError naming the model inputs a batch lacks."""

@@ -52,12 +52,23 @@ class RetrainSpec(Spec):
     windows: int = Field(3, gt=0, description="consecutive drifted batches required")
     cooldown_s: float = Field(3600.0, ge=0, description="seconds since the last retrain")
     min_new_rows: int = Field(1000, ge=0, description="rows seen since the last retrain")
+    train: tuple[str, ...] = Field(
+        (), description="forge overrides of the retraining run (experiment, data.label, ...)"
+    )
+    window_source: str | None = Field(
+        None, description="data.source of the retraining run: reference + recent data"
+    )
+    holdout_source: str | None = Field(
+        None, description="recent held-out data neither model trained on, for the gate"
+    )
 
 
 class PromotionSpec(Spec):
     """When a challenger replaces the champion."""
 
-    metric: str = Field("val/accuracy", min_length=1)
+    metric: str = Field(
+        "accuracy", min_length=1, description="measured on the held-out recent data"
+    )
     mode: Literal["max", "min"] = "max"
     min_delta: float = Field(0.005, ge=0, description="required improvement, metric units")
 
