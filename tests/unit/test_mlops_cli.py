@@ -88,3 +88,25 @@ def test_monitor_refuses_a_batch_without_the_model_inputs(registered, capsys):
     code = run(["monitor", "model=tab@champion", f"data.source={tmp_path / 'x.parquet'}", *over])
     assert code == 2
     assert "no column 'b'" in capsys.readouterr().err
+
+
+def test_on_drift_retrain_waits_for_persistent_drift(registered, capsys):
+    """One drifted batch with retrain.windows=2: no retrain, and the decision is audited."""
+    tmp_path, over = registered
+    frame(np.random.default_rng(3), 500, shift=1.0).to_parquet(tmp_path / "moved.parquet")
+    args = [
+        "monitor",
+        "model=registry://tab@champion",
+        f"data.source={tmp_path / 'moved.parquet'}",
+        "on_drift=retrain",
+        "retrain.windows=2",
+        "retrain.min_new_rows=0",
+        *over,
+    ]
+    assert run(args) == 3
+    captured = capsys.readouterr()
+    assert "no retrain: drift persisted 1 of retrain.windows=2" in captured.out + captured.err
+    from forge.mlops.registry import Registry
+
+    decision = Registry(str(tmp_path / "reg")).last_event("tab", "retrain-decision")
+    assert decision["retrain"] is False and decision["consecutive_drifted"] == 1
