@@ -92,13 +92,25 @@ def test_stale_promotion_is_a_conflict(reg, tmp_path):
     assert reg.resolve("m@champion").version == 1
 
 
+class _RaceRegistry(Registry):
+    """Waits at a barrier right after reading the alias's generation, so both processes
+    decide on the same generation and then write at the same moment: the real race."""
+
+    barrier = None
+
+    def _generation(self, name: str, alias: str) -> int:
+        generation = super()._generation(name, alias)
+        if self.barrier is not None:
+            barrier, self.barrier = self.barrier, None
+            barrier.wait()
+        return generation
+
+
 def _promote_at_once(root: str, version: int, barrier, results) -> None:
-    reg = Registry(root)
-    record = reg.alias("m", "champion")
-    generation = record["generation"] if record else 0
-    barrier.wait()  # both have read the same generation; now both write
+    reg = _RaceRegistry(root)
+    reg.barrier = barrier
     try:
-        reg.promote("m", version, reason=f"process {os.getpid()}", expected_generation=generation)
+        reg.promote("m", version, reason=f"process {os.getpid()}")
         results.put(("won", version))
     except AliasConflictError:
         results.put(("lost", version))
