@@ -33,7 +33,7 @@ SECTIONS = {
     "promotion": PromotionSpec,
     "score": ScoreSpec,
 }
-TOP_LEVEL = {"model", "on_drift", "data.source", "data.format", "ray.address", "train"}
+TOP_LEVEL = {"model", "on_drift", "data.source", "data.format", "ray.address"}
 
 
 @dataclass
