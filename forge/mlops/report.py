@@ -99,12 +99,14 @@ def _scores_plot(cols: list[ColumnDrift]) -> str:
             ratios.append(c.threshold / max(c.p_value, 1e-300))
         else:
             ratios.append(c.statistic / c.threshold)
+    # Clipped to [1e-3, 1e3]: a p-value of 1e-128 is "far past the threshold", not a scale.
+    ratios = [min(max(r, 1e-3), 1e3) for r in ratios]
     fig, ax = plt.subplots(figsize=(6.5, 0.3 * len(cols) + 1.0))
     colors = ["#c44e52" if c.drifted else "#55a868" for c in cols]
     ax.barh([c.column for c in cols], ratios, color=colors)
     ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
     ax.set_xscale("log")
-    ax.set_xlabel("score / threshold (>= 1: drift)")
+    ax.set_xlabel("score / threshold (>= 1: drift; clipped to 1e-3..1e3)")
     ax.tick_params(axis="y", labelsize=7)
     return _png(fig)
 
