@@ -13,7 +13,6 @@
 from typing import Any
 
 from forge.checkpoint.storage import StorageOptions
-
 from forge.checkpoint.store import CheckpointStore, CommittedCheckpoint
 
 __all__ = ["CheckpointStore", "CommittedCheckpoint", "consolidate"]

@@ -76,9 +76,9 @@ def load_verified(uri: str, fmt: str, options: StorageOptions | None = None) -> 
 
             return torch.export.load(os.path.join(local, "model.pt2")).module()
         if fmt == "torchscript":
-            from forge.export.torchscript import FILE as TS_FILE
-
             import torch
+
+            from forge.export.torchscript import FILE as TS_FILE
 
             return torch.jit.load(os.path.join(local, TS_FILE), map_location="cpu").eval()
         if fmt == "safetensors":

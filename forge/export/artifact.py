@@ -74,7 +74,9 @@ def as_outputs(value: Any) -> list[np.ndarray]:
     import torch
 
     items = value if isinstance(value, (tuple, list)) else [value]
-    return [t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in items]
+    return [
+        t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in items
+    ]
 
 
 def torch_runner(module: Any) -> Runner:

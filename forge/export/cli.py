@@ -29,8 +29,12 @@ def base_config() -> DictConfig:
     return OmegaConf.create(
         {
             "checkpoint": None,
-            "export": OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "export" / "default.yaml")),
-            "storage": OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "storage" / "local.yaml")),
+            "export": OmegaConf.to_container(
+                OmegaConf.load(CONFIG_DIR / "export" / "default.yaml")
+            ),
+            "storage": OmegaConf.to_container(
+                OmegaConf.load(CONFIG_DIR / "storage" / "local.yaml")
+            ),
         }
     )
 
@@ -93,7 +97,11 @@ def _check_key(cfg: DictConfig, key: str) -> None:
         if isinstance(node, DictConfig) and part in node:
             node = node[part]
             continue
-        if node is None and i > 0 and parts[i - 2 : i][-1] in ("onnx", "torch_export", "safetensors", "torchscript"):
+        if (
+            node is None
+            and i > 0
+            and parts[i - 2 : i][-1] in ("onnx", "torch_export", "safetensors", "torchscript")
+        ):
             return  # export.tolerance.<format>.rtol on a format whose tolerance is null
         where = ".".join(parts[:i]) or "the top level"
         known = list(node.keys()) if isinstance(node, DictConfig) else []
@@ -116,6 +124,8 @@ def main(args: Sequence[str]) -> int:
         rec = result.manifest["formats"][fmt]
         lat = rec.get("latency", {})
         lat_text = ", ".join(f"{b} p50 {v['p50_ms']:.2f} ms" for b, v in lat.items())
-        console.print(f"{fmt}: {status}  {rec.get('size_mb', 0):.3f} MiB  {lat_text}", highlight=False)
+        console.print(
+            f"{fmt}: {status}  {rec.get('size_mb', 0):.3f} MiB  {lat_text}", highlight=False
+        )
     console.print(f"[bold green]exported[/] {result.uri}", highlight=False)
     return 0

@@ -202,7 +202,9 @@ def _one_format(
         log.warning("%s", exc)
         return {"status": "failed", "error": str(exc), "op": exc.op}, []
     seconds = time.perf_counter() - start
-    entries = {name: FileEntry.of_file(os.path.join(staging, name)).__dict__ for name in written.files}
+    entries = {
+        name: FileEntry.of_file(os.path.join(staging, name)).__dict__ for name in written.files
+    }
     # Loaders of .pt2 / TorchScript unpickle: load only bytes that match the entries that the
     # manifest will carry (hashed right after writing).
     for name, entry in entries.items():
@@ -247,7 +249,7 @@ def _runtimes(fmt: str, mod: Any, staging: str, src: ExportSource) -> dict[str, 
 
 def _check_budgets(records: dict[str, dict[str, Any]], settings: ExportSettings) -> None:
     """Record each budget's numbers; a good format over a budget becomes ``over_budget``."""
-    for fmt, rec in records.items():
+    for rec in records.values():
         if rec["status"] != OK or rec.get("reference"):
             continue
         problems = []
@@ -261,8 +263,11 @@ def _check_budgets(records: dict[str, dict[str, Any]], settings: ExportSettings)
         if settings.max_latency_ms is not None:
             first = f"batch_{min(settings.latency_batch_sizes)}"
             p95 = rec["latency"][first]["p95_ms"]
-            budgets["latency_ms"] = {"limit": settings.max_latency_ms, "actual_p95": p95,
-                                     "at": first}
+            budgets["latency_ms"] = {
+                "limit": settings.max_latency_ms,
+                "actual_p95": p95,
+                "at": first,
+            }
             if p95 > settings.max_latency_ms:
                 problems.append(
                     f"p95 latency at {first.replace('_', ' ')} {p95:.3f} ms > "
@@ -279,7 +284,9 @@ def _check_budgets(records: dict[str, dict[str, Any]], settings: ExportSettings)
 
 
 def _io_entries(
-    names: Sequence[str], arrays_per_case: list[list[np.ndarray]], cases: list[parity.Case],
+    names: Sequence[str],
+    arrays_per_case: list[list[np.ndarray]],
+    cases: list[parity.Case],
     spec: Any,
 ) -> list[dict[str, Any]]:
     """Name, dtype and shape of each input/output; a dim that follows a case's batch size or
@@ -291,7 +298,10 @@ def _io_entries(
         for axis, size in enumerate(shapes[-1]):
             sizes = [s[axis] for s in shapes]
             named = None
-            for dim_name in ("batch", *sorted({n for d in spec.dynamic_dims.values() for n in d.values()})):
+            for dim_name in (
+                "batch",
+                *sorted({n for d in spec.dynamic_dims.values() for n in d.values()}),
+            ):
                 want = [_case_dim(c, spec, dim_name) for c in cases]
                 if len(set(sizes)) > 1 and sizes == want:
                     named = dim_name
@@ -311,7 +321,15 @@ def _case_dim(case: parity.Case, spec: Any, dim_name: str) -> int | None:
 
 def _versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
-    for pkg in ("forge-train", "torch", "onnx", "onnxruntime", "onnxscript", "safetensors", "numpy"):
+    for pkg in (
+        "forge-train",
+        "torch",
+        "onnx",
+        "onnxruntime",
+        "onnxscript",
+        "safetensors",
+        "numpy",
+    ):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

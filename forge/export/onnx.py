@@ -17,7 +17,9 @@ FILE = "model.onnx"
 MiB = 2**20
 
 
-def write(model: Any, spec: ExportSpec, example: tuple[Any, ...], settings: Any, workdir: str) -> Written:
+def write(
+    model: Any, spec: ExportSpec, example: tuple[Any, ...], settings: Any, workdir: str
+) -> Written:
     """Export ``model`` to ``workdir/model.onnx`` (+ ``model.onnx.data`` for large weights).
 
     Raises:
@@ -42,7 +44,7 @@ def write(model: Any, spec: ExportSpec, example: tuple[Any, ...], settings: Any,
         )
         program.save(path, external_data=external)
         onnx.checker.check_model(path, full_check=True)  # by path: external data is followed
-    except Exception as exc:  # noqa: BLE001 - any exporter failure is this format's failure
+    except Exception as exc:
         raise format_error("onnx", exc) from exc
     proto = onnx.load(path, load_external_data=False)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
@@ -73,7 +75,9 @@ def runtimes(workdir: str, spec: ExportSpec, threads: int | None = None) -> dict
         sess = session(path, optimize, threads)
 
         def run(inputs: Sequence[np.ndarray], sess: Any = sess) -> list[np.ndarray]:
-            return sess.run(list(spec.output_names), dict(zip(spec.input_names, inputs)))
+            return sess.run(
+                list(spec.output_names), dict(zip(spec.input_names, inputs, strict=True))
+            )
 
         out[name] = run
     return out

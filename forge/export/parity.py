@@ -125,8 +125,12 @@ def compare(
     a, e = actual.astype(np.float64), expected.astype(np.float64)
     diff = np.abs(a - e)
     max_abs = float(diff.max()) if diff.size else 0.0
-    max_rel = float((diff / np.maximum(np.abs(e), np.finfo(np.float32).tiny)).max()) if diff.size else 0.0
-    close = bool(np.all(diff <= tol.atol + tol.rtol * np.abs(e))) and bool(np.isfinite(a).all() == np.isfinite(e).all())
+    max_rel = (
+        float((diff / np.maximum(np.abs(e), np.finfo(np.float32).tiny)).max()) if diff.size else 0.0
+    )
+    close = bool(np.all(diff <= tol.atol + tol.rtol * np.abs(e))) and bool(
+        np.isfinite(a).all() == np.isfinite(e).all()
+    )
     agreement = None
     if task in ("classification", "next_token") and e.ndim >= 1 and e.shape[-1] > 1:
         top2 = np.sort(e, axis=-1)[..., -2:]
@@ -146,15 +150,33 @@ def check(
     for case in cases:
         try:
             outputs = runner(case.inputs)
-        except Exception as exc:  # noqa: BLE001 - a runtime that cannot run a case fails it
+        except Exception as exc:
             rows.append(
-                Row(runtime, case.name, "*", float("inf"), float("inf"), None, False,
-                    f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+                Row(
+                    runtime,
+                    case.name,
+                    "*",
+                    float("inf"),
+                    float("inf"),
+                    None,
+                    False,
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+                )
             )
             continue
         if len(outputs) != len(case.expected):
-            rows.append(Row(runtime, case.name, "*", float("inf"), float("inf"), None, False,
-                            f"{len(outputs)} outputs, expected {len(case.expected)}"))
+            rows.append(
+                Row(
+                    runtime,
+                    case.name,
+                    "*",
+                    float("inf"),
+                    float("inf"),
+                    None,
+                    False,
+                    f"{len(outputs)} outputs, expected {len(case.expected)}",
+                )
+            )
             continue
         for name, got, want in zip(spec.output_names, outputs, case.expected, strict=True):
             max_abs, max_rel, agreement, ok = compare(np.asarray(got), want, tol, spec.task)
@@ -164,13 +186,15 @@ def check(
 
 def table(rows: Sequence[Row], tolerances: dict[str, Tolerance] | None = None) -> str:
     """A fixed-width table of parity rows, failures marked ``FAIL``."""
-    head = f"{'runtime':<14} {'case':<14} {'output':<10} {'max_abs':>10} {'max_rel':>10} {'argmax':>8}  result"
+    cols = ("runtime", "case", "output", "max_abs", "max_rel", "argmax")
+    head = "{:<14} {:<14} {:<10} {:>10} {:>10} {:>8}  result".format(*cols)
     lines = [head, "-" * len(head)]
     for r in rows:
         agree = "n/a" if r.agreement is None else f"{100 * r.agreement:.1f}%"
         verdict = "ok" if r.ok else "FAIL" + (f" ({r.error})" if r.error else "")
         lines.append(
-            f"{r.runtime:<14} {r.case:<14} {r.output:<10} {r.max_abs:>10.3g} {r.max_rel:>10.3g} {agree:>8}  {verdict}"
+            f"{r.runtime:<14} {r.case:<14} {r.output:<10} {r.max_abs:>10.3g} "
+            f"{r.max_rel:>10.3g} {agree:>8}  {verdict}"
         )
     if tolerances:
         lines.append(

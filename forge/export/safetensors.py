@@ -18,7 +18,11 @@ CONFIG_FORMAT = "forge.export.model_config"
 
 
 def write(
-    model: Any, spec: ExportSpec, example: tuple[Any, ...], settings: Any, workdir: str,
+    model: Any,
+    spec: ExportSpec,
+    example: tuple[Any, ...],
+    settings: Any,
+    workdir: str,
     recipe: dict[str, Any] | None = None,
 ) -> Written:
     """Save the weights (fp32 floats; integer buffers as they are) and the rebuild config."""

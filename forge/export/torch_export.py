@@ -14,7 +14,9 @@ from forge.recipe import ExportSpec
 FILE = "model.pt2"
 
 
-def write(model: Any, spec: ExportSpec, example: tuple[Any, ...], settings: Any, workdir: str) -> Written:
+def write(
+    model: Any, spec: ExportSpec, example: tuple[Any, ...], settings: Any, workdir: str
+) -> Written:
     """Export ``model`` with dynamic dims and save the program.
 
     Raises:
@@ -25,7 +27,7 @@ def write(model: Any, spec: ExportSpec, example: tuple[Any, ...], settings: Any,
     try:
         program = torch.export.export(model, example, dynamic_shapes=torch_dynamic_shapes(spec))
         torch.export.save(program, os.path.join(workdir, FILE))
-    except Exception as exc:  # noqa: BLE001 - any exporter failure is this format's failure
+    except Exception as exc:
         raise format_error("torch_export", exc) from exc
     return Written(files=[FILE])
 

@@ -14,7 +14,9 @@ from forge.recipe import ExportSpec
 FILE = "model.torchscript.pt"
 
 
-def write(model: Any, spec: ExportSpec, example: tuple[Any, ...], settings: Any, workdir: str) -> Written:
+def write(
+    model: Any, spec: ExportSpec, example: tuple[Any, ...], settings: Any, workdir: str
+) -> Written:
     """Trace ``model`` on the example batch and save it.
 
     Raises:
@@ -27,7 +29,7 @@ def write(model: Any, spec: ExportSpec, example: tuple[Any, ...], settings: Any,
             warnings.simplefilter("ignore")  # TracerWarnings and the deprecation notice
             traced = torch.jit.trace(model, example, check_trace=False)
         traced.save(os.path.join(workdir, FILE))
-    except Exception as exc:  # noqa: BLE001 - any tracer failure is this format's failure
+    except Exception as exc:
         raise format_error("torchscript", exc) from exc
     return Written(files=[FILE], info={"legacy": True})
 

@@ -71,3 +71,63 @@ def _train_lightning(spec: Any, plan: LaunchPlan) -> None:
     CheckpointStore(plan.run_uri).save(
         1, files, strategy="ddp", config_hash=plan.config_hash, metrics={"val/accuracy": 0.1}
     )
+
+
+def _rank_main(
+    rank: int, world_size: int, port: int, overrides: list[str], plan: LaunchPlan
+) -> None:
+    """One rank of a multi-process run without Ray: a gloo group over TCP on 127.0.0.1."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    env = {
+        "RANK": rank,
+        "LOCAL_RANK": rank,
+        "WORLD_SIZE": world_size,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": port,
+    }
+    os.environ.update({k: str(v) for k, v in env.items()})
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+
+    def gather(obj: Any) -> list[Any] | None:
+        out: list[Any] | None = [None] * world_size if rank == 0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    ctx = WorkerContext(
+        rank=rank,
+        local_rank=rank,
+        world_size=world_size,
+        all_reduce_sum=lambda t: dist.all_reduce(t),
+        gather=gather,
+    )
+    try:
+        run_loop(to_run_spec(compose(overrides)), plan, ctx)
+    finally:
+        dist.destroy_process_group()
+
+
+def train_run_multi(run_uri: str, recipe: str, world_size: int, *extra: str) -> str:
+    """As :func:`train_run`, on ``world_size`` processes (spawned here, no Ray)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    overrides = overrides_for(recipe, str(Path(run_uri).parent), *extra)
+    cfg = compose(overrides)
+    saved = redacted_config(cfg)
+    write_provenance(
+        run_uri, saved, [], seed=0, world_size=world_size, git_sha=None, git_dirty=None
+    )
+    plan = LaunchPlan(run_uri=run_uri, config_hash=config_hash(saved), launch_time=time.time())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_main, args=(world_size, port, overrides, plan), nprocs=world_size, join=True)
+    latest = CheckpointStore(run_uri).latest()
+    assert latest is not None
+    return latest.uri
