@@ -157,6 +157,12 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def _sortable_now() -> str:
+    """UTC time to the nanosecond, from one clock reading, sortable as text."""
+    ns = time.time_ns()
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(ns // 10**9))}-{ns % 10**9:09d}"
+
+
 def _actor() -> str:
     try:
         user = getpass.getuser()
@@ -312,8 +318,7 @@ class Registry:
             "action": action,
             **facts,
         }
-        key = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{time.time_ns() % 10**9:09d}-"
-        key += f"{uuid.uuid4().hex[:8]}.json"
+        key = f"{_sortable_now()}-{uuid.uuid4().hex[:8]}.json"
         uri = storage.join(self._model(name), "audit", key)
         if not storage.create_exclusive(uri, json.dumps(entry, indent=1).encode(), self.options):
             raise RegistryError(f"{uri}: an audit entry of that name exists already")
@@ -447,10 +452,8 @@ class Registry:
 
     def record_batch(self, name: str, entry: dict[str, Any]) -> None:
         """Append one monitored batch (``time``, ``rows``, ``drift``, ...) to the history."""
-        key = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{time.time_ns() % 10**9:09d}-"
-        uri = storage.join(
-            self._model(name), "monitor", "history", f"{key}{uuid.uuid4().hex[:8]}.json"
-        )
+        key = f"{_sortable_now()}-{uuid.uuid4().hex[:8]}.json"
+        uri = storage.join(self._model(name), "monitor", "history", key)
         storage.create_exclusive(uri, json.dumps(entry).encode(), self.options)
 
     def batches(self, name: str) -> list[dict[str, Any]]:
