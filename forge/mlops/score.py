@@ -111,13 +111,21 @@ def score(
     predictions_uri = storage.join(out, "predictions")
     with ray_session(RaySpec(address=ray_address)):
         read = ray.data.read_parquet if source.format == "parquet" else ray.data.read_csv
-        ds = read([arrow_path(p) for p in source.paths], filesystem=arrow_filesystem(source))
+        # Reads take no CPU slot: the scoring actors may hold every CPU of a small cluster,
+        # and reads that wait for one would wait forever.
+        ds = read(
+            [arrow_path(p) for p in source.paths],
+            filesystem=arrow_filesystem(source),
+            file_extensions=None,
+            num_cpus=0,
+        )
         scored = ds.map_batches(
             _ScoreBatch,
             fn_constructor_kwargs={"model": model, "features": features, "keys": keys},
             batch_format="pandas",
             batch_size=spec.batch_size,
-            concurrency=spec.concurrency,
+            compute=ray.data.ActorPoolStrategy(size=spec.concurrency),
+            num_cpus=1,
         ).materialize()
         scored.select_columns([*keys, "prediction", "probability"]).write_parquet(
             arrow_path(predictions_uri) if storage.is_s3(out) else predictions_uri,
