@@ -115,8 +115,12 @@ def write_provenance(
     git_sha: str | None,
     git_dirty: bool | None,
     options: storage.StorageOptions | None = None,
+    data_fingerprint: dict[str, Any] | None = None,
 ) -> None:
-    """Write config.yaml, overrides.txt and run.json into the run folder (local or remote)."""
+    """Write config.yaml, overrides.txt and run.json into the run folder (local or remote).
+
+    ``data_fingerprint`` (:mod:`forge.data.fingerprint`) goes into run.json as ``data``.
+    """
     storage.write_bytes(
         storage.join(run_uri, "config.yaml"),
         OmegaConf.to_yaml(OmegaConf.create(config)).encode(),
@@ -134,6 +138,7 @@ def write_provenance(
         "seed": seed,
         "world_size": world_size,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "data": data_fingerprint,
     }
     storage.write_bytes(
         storage.join(run_uri, "run.json"), json.dumps(info, indent=1).encode(), options
