@@ -25,6 +25,39 @@ def evaluate(registry: Registry, name: str, version: int, frame: Any) -> dict[st
     return {"accuracy": accuracy(OnnxScorer.from_version(mv), frame, label)}
 
 
+def contract_violations(mv: Any, frame: Any) -> list[str]:
+    """What is wrong with ``frame`` as input of ``mv``: missing model inputs, then every
+    violation of the data contract the version's run trained under (``data_contract`` in
+    ``version.json``, checked with pandera through :class:`forge.data.contract.ContractChecker`).
+
+    ``table.min_rows`` is not applied: it sizes a training table, not a held-out batch.
+
+    Returns:
+        One line per problem (``"column: check (n rows)"``); empty when the frame passes.
+    """
+    from forge.data.contract import Contract, ContractChecker
+
+    try:
+        OnnxScorer.from_version(mv).check_columns(frame.columns)
+    except ConfigError as exc:
+        return [str(exc)]
+    raw = mv.meta.get("data_contract")
+    if not raw:
+        return []
+    contract = Contract.model_validate(raw)
+    contract = contract.model_copy(
+        update={"table": contract.table.model_copy(update={"min_rows": None})}
+    )
+    checker = ContractChecker(contract, label=mv.profile().label)
+    checker.update(frame)
+    return [
+        f"{v.column}: {v.check}"
+        + (f" ({v.failing_rows} rows)" if v.failing_rows is not None else "")
+        + (f", e.g. {', '.join(v.examples)}" if v.examples else "")
+        for v in checker.finish()
+    ]
+
+
 def evaluate_and_promote(
     registry: Registry,
     name: str,
@@ -51,11 +84,8 @@ def evaluate_and_promote(
     champion = current["version"] if current else None
     mv = registry.get(name, challenger)
     parity_ok = mv.export_manifest.get("formats", {}).get("onnx", {}).get("status") == "ok"
-    try:
-        OnnxScorer.from_version(mv).check_columns(holdout.columns)
-        contract_ok = True
-    except ConfigError:
-        contract_ok = False
+    contract_problems = contract_violations(mv, holdout)
+    contract_ok = not contract_problems
     metric = spec.metric
     challenger_metrics = evaluate(registry, name, challenger, holdout) if contract_ok else {}
     champion_metrics = None
@@ -68,7 +98,12 @@ def evaluate_and_promote(
         parity_ok=parity_ok,
         contract_ok=contract_ok,
     )
-    facts = {**gate.facts(), "champion_version": champion, "holdout_rows": len(holdout)}
+    facts = {
+        **gate.facts(),
+        "champion_version": champion,
+        "holdout_rows": len(holdout),
+        "contract_violations": contract_problems,
+    }
     if gate.promote:
         registry.promote(
             name,

@@ -362,10 +362,22 @@ class Registry:
                 profile = None
         files: dict[str, bytes] = {f"export/{k}": v for k, v in blobs.items()}
         fingerprint = None
+        parsed = None
         if profile is not None:
             parsed = load_profile(profile, "data profile")
             files["data_profile.json"] = json.dumps(parsed.raw, indent=1).encode()
             fingerprint = parsed.raw.get("fingerprint")
+        extra = dict(extra or {})
+        if "data_contract" not in extra and run is not None:
+            contract = self._run_contract(run)
+            if contract is not None:
+                extra["data_contract"] = contract
+        if "prediction_profile" not in extra:
+            predicted, why_not = self._prediction_profile(export_manifest, blobs, parsed)
+            if predicted is not None:
+                extra["prediction_profile"] = predicted
+            else:
+                extra["prediction_profile_missing"] = why_not
         version = self._claim(name)
         uri = self._version_uri(name, version)
         meta = {
@@ -384,7 +396,7 @@ class Registry:
             "formats": {k: v.get("status") for k, v in export_manifest.get("formats", {}).items()},
             "inputs": export_manifest.get("inputs"),
             "outputs": export_manifest.get("outputs"),
-            **(extra or {}),
+            **extra,
         }
         files["version.json"] = json.dumps(meta, indent=1).encode()
         for rel, data in files.items():
@@ -593,6 +605,64 @@ class Registry:
                 raise RegistryError(f"{uri}/{rel} does not match the export's manifest.")
             blobs[rel] = data
         return manifest, blobs
+
+    def _run_contract(self, run: str) -> dict[str, Any] | None:
+        """The run's ``data.contract`` (from its ``config.yaml``), validated and inlined so the
+        version keeps it when the contract file or the run folder moves; None without one.
+
+        Raises:
+            ConfigError: The run names a contract that no longer loads (file gone, invalid).
+        """
+        import yaml
+
+        from forge.data.contract import load_contract
+
+        try:
+            raw = storage.read_bytes(storage.join(run, "config.yaml"), self.options)
+        except FileNotFoundError:
+            return None
+        value = ((yaml.safe_load(raw) or {}).get("data") or {}).get("contract")
+        if value is None:
+            return None
+        return load_contract(value, self.options).model_dump(exclude_none=True)
+
+    def _prediction_profile(
+        self,
+        manifest: dict[str, Any],
+        blobs: dict[str, bytes],
+        profile: ReferenceProfile | None,
+    ) -> tuple[dict[str, Any] | None, str]:
+        """The distribution of the model's predictions on its run's training data (the data
+        ``data_profile.json`` names as ``source``): the reference of prediction drift.
+
+        Returns:
+            ``(profile entry, "")``, or ``(None, why not)`` when it cannot be computed here
+            (no data profile, in-memory recipe data, categorical inputs, no single-file ONNX,
+            or the source is gone or no longer has the columns); registration goes on.
+        """
+        source = profile.raw.get("source") if profile is not None else None
+        onnx = manifest.get("formats", {}).get("onnx", {})
+        if profile is None:
+            return None, "no data_profile.json"
+        if not source or str(source).startswith("recipe:"):
+            return None, f"the run's data ({source!r}) is not a file source to score"
+        if onnx.get("status") != "ok" or onnx.get("files", ["model.onnx"]) != ["model.onnx"]:
+            return None, "no single-file ONNX model in the export"
+        if any(profile.columns[c]["kind"] != "numeric" for c in profile.features):
+            return None, "categorical inputs (their encoding is not in the export)"
+        from forge.errors import ConfigError
+        from forge.mlops.cli import read_frame
+        from forge.mlops.score import prediction_profile
+        from forge.mlops.scoring import OnnxScorer
+
+        try:
+            frame = read_frame(
+                str(source), None, self.options or storage.StorageOptions(), profile.features
+            )
+            scorer = OnnxScorer(blobs["model.onnx"], profile.features)
+            return prediction_profile(scorer.predict(frame)["prediction"]), ""
+        except (ConfigError, FileNotFoundError, OSError) as exc:
+            return None, f"could not score the run's data {source}: {exc}"
 
     def _guess_run(self, export_uri: str, manifest: dict[str, Any]) -> str | None:
         candidates = []

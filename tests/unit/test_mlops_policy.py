@@ -119,3 +119,37 @@ def test_challenger_refused_when_the_data_breaks_the_contract(tmp_path):
     )
     assert not gate.promote and gate.checks["data_contract"] is False
     assert reg.resolve("m@champion").version == 2
+
+
+def test_the_gate_runs_the_runs_pandera_contract(tmp_path):
+    """A run trained under ``data.contract`` (config.yaml): the version keeps the contract and
+    the gate checks the held-out rows with it, not only the column names."""
+    from forge.mlops.promotion import contract_violations
+
+    reg, frame = _setup(tmp_path)
+    (tmp_path / "run3").mkdir()
+    (tmp_path / "run3" / "config.yaml").write_text(
+        "data:\n  contract:\n    columns:\n      a: {dtype: float, min: -2.5}\n"
+        "      y: {categories: [0, 1]}\n    table: {min_rows: 100000}\n"
+    )
+    make_export(
+        str(tmp_path / "run3" / "exports" / "s"),
+        np.array([[-1.0, 1.0], [0.0, 0.0]]),
+        np.zeros(2),
+        profile=make_profile(frame, label="y"),
+    )
+    v3 = reg.register("m", str(tmp_path / "run3" / "exports" / "s"))
+    assert v3.meta["data_contract"]["columns"]["a"]["min"] == -2.5
+    reg.promote("m", 2)
+    inside = frame[frame["a"] >= -2.5]  # min_rows (a training-table size) is not applied
+    assert contract_violations(v3, inside) == []
+    outside = int((frame["a"] < -2.5).sum())
+    assert outside > 0
+    problems = contract_violations(v3, frame)
+    assert len(problems) == 1 and problems[0].startswith(f"a: min -2.5 ({outside} rows)")
+    gate = evaluate_and_promote(reg, "m", 3, frame, PromotionSpec(metric="accuracy"))
+    assert not gate.promote and gate.checks["data_contract"] is False
+    assert reg.resolve("m@champion").version == 2
+    assert reg.audit("m")[-1]["metrics"]["contract_violations"] == problems
+    gate = evaluate_and_promote(reg, "m", 3, inside, PromotionSpec(metric="accuracy"))
+    assert gate.promote and reg.resolve("m@champion").version == 3

@@ -189,3 +189,26 @@ def test_mlflow_mirror_against_a_real_sqlite_store(tmp_path):
     assert json.loads(json.dumps(client.get_registered_model("tabular").aliases)) == {
         "champion": champion.version
     }
+
+
+def test_register_records_the_prediction_profile_of_its_runs_data(reg, tmp_path):
+    """`registry register` scores the export on the data its run trained on (the profile's
+    ``source``): the reference of prediction drift, without the retrain flow."""
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame({"a": rng.normal(size=300), "b": rng.normal(size=300)})
+    data = tmp_path / "data"
+    data.mkdir()
+    frame.to_parquet(data / "part-0.parquet", index=False)
+    profile = {**make_profile(frame), "source": str(data)}
+    weights = np.array([[-1.0, 1.0], [0.0, 0.0]])  # class 1 exactly when a > 0
+    uri = make_export(
+        str(tmp_path / "run" / "exports" / "s"), weights, np.zeros(2), profile=profile
+    )
+    mv = reg.register("m", uri)
+    positive = int((frame["a"] > 0).sum())
+    assert mv.meta["prediction_profile"]["counts"] == {"0": 300 - positive, "1": positive}
+    assert "prediction_profile_missing" not in mv.meta
+    # The stub profile's source "test" is no data: registration goes on and says why.
+    other = reg.register("m", export(tmp_path, 7, 0.9))
+    assert "prediction_profile" not in other.meta
+    assert "could not score the run's data test" in other.meta["prediction_profile_missing"]
