@@ -159,11 +159,15 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
     torch.manual_seed(spec.seed + 1 + ctx.rank)
 
     ck = spec.checkpoint
-    if ck.monitor is not None and recipe.val_data is None:
+    # A file source validates on its own split (data.val_fraction / data.val_source), not on
+    # the recipe's val_data.
+    has_val = feed.table.has_val if feed is not None else recipe.val_data is not None
+    if ck.monitor is not None and not has_val:
         raise ConfigError(
             f"checkpoint.monitor={ck.monitor} ranks checkpoints by a validation metric, but "
             f"recipe {spec.recipe.name} has no val_data, so no checkpoint would ever be ranked. "
-            "Give the recipe val_data, or remove checkpoint.monitor (~checkpoint.monitor)."
+            "Give the recipe val_data (or a file source data.val_fraction / data.val_source), "
+            "or remove checkpoint.monitor (~checkpoint.monitor)."
         )
     store = CheckpointStore(
         plan.run_uri,

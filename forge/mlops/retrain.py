@@ -9,6 +9,8 @@ log (``retrain-decision``, ``retrain``, ``promote`` or ``promotion-refused``).
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -84,7 +86,6 @@ def retrain_and_promote(
         ConfigError: ``retrain.window_source``/``holdout_source`` unset, or the export's ONNX
             format failed its parity gate (the challenger is then not registered).
     """
-    import forge
     from forge.export.core import export
     from forge.export.settings import ExportSettings
     from forge.mlops.cli import read_frame
@@ -98,7 +99,7 @@ def retrain_and_promote(
     overrides = [*spec.train, *extra_overrides, f"data.source={spec.window_source}"]
     if ray_address:
         overrides.append(f"ray.address={ray_address}")
-    result = forge.train(overrides, console=console)
+    result = train_challenger(overrides, spec, console, storage_options)
     exported = export(
         result.run_dir,
         settings=ExportSettings(formats=["onnx"]),
@@ -142,6 +143,77 @@ def retrain_and_promote(
         promoted=gate.promote,
     )
     return RetrainOutcome(result.run_dir, exported.uri, mv.version, gate)
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """Where a retraining run landed and its final metrics (as :class:`forge.TrainResult`)."""
+
+    run_dir: str
+    metrics: dict[str, float]
+
+
+def train_challenger(
+    overrides: list[str], spec: RetrainSpec, console: Any = None, storage_options: Any = None
+) -> TrainedRun:
+    """Run the retraining: as a Ray job through :func:`forge.submit` when a job server is set
+    (``retrain.address``, else ``RAY_API_SERVER_ADDRESS``) and wait for it; otherwise here with
+    :func:`forge.train`.
+
+    A submitted run's folder is ``<storage.uri>/<run_name>`` (``run_name`` is fixed here so
+    it is known before the job starts); its metrics are the last value of each metric in its
+    ``metrics.jsonl``. The folder must be on storage this process reads too (S3, a shared
+    filesystem) since the export and the gate run here.
+
+    Raises:
+        ClusterError: The job did not succeed (its id and status, and how to read its logs).
+        TimeoutError: Still running after ``retrain.job_timeout_s``.
+    """
+    import forge
+
+    address = spec.address or os.environ.get("RAY_API_SERVER_ADDRESS")
+    if not address:
+        result = forge.train(overrides, console=console)
+        return TrainedRun(result.run_dir, dict(result.metrics))
+    from forge.checkpoint import storage
+    from forge.config.compose import compose
+    from forge.config.validate import to_run_spec
+    from forge.errors import ClusterError
+
+    run = to_run_spec(compose(overrides))
+    run_name = run.run_name
+    if run_name is None:
+        run_name = f"{run.recipe.name}-retrain-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+        overrides = [*overrides, f"run_name={run_name}"]
+    handle = forge.submit(overrides, address=address)
+    if console is not None:
+        console.print(f"retraining as job {handle.id} on {address}", highlight=False, markup=False)
+    status = handle.wait(timeout_s=spec.job_timeout_s)
+    if status != "SUCCEEDED":
+        raise ClusterError(
+            f"the retraining job {handle.id} ended {status}; the champion stays. Read its logs "
+            f"with `python -m forge jobs logs {handle.id}`."
+        )
+    run_dir = storage.join(run.storage.uri, run_name)
+    return TrainedRun(run_dir, _last_metrics(run_dir, storage_options))
+
+
+def _last_metrics(run_dir: str, options: Any = None) -> dict[str, float]:
+    """The last value of every ``group/name`` metric in the run's ``metrics.jsonl``."""
+    from forge.checkpoint import storage
+
+    try:
+        text = storage.read_bytes(storage.join(run_dir, "metrics.jsonl"), options).decode()
+    except FileNotFoundError:
+        return {}
+    last: dict[str, float] = {}
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a torn last line of a killed writer
+            continue
+        last.update({k: v for k, v in row.items() if "/" in k and isinstance(v, (int, float))})
+    return last
 
 
 def register_run_export(

@@ -61,6 +61,14 @@ class RetrainSpec(Spec):
     holdout_source: str | None = Field(
         None, description="recent held-out data neither model trained on, for the gate"
     )
+    address: str | None = Field(
+        None,
+        description="job server to submit the retraining run to (forge.submit); None: "
+        "RAY_API_SERVER_ADDRESS when set, else the run trains here (forge.train)",
+    )
+    job_timeout_s: float | None = Field(
+        None, gt=0, description="give up waiting for a submitted retraining job after this"
+    )
 
 
 class PromotionSpec(Spec):
