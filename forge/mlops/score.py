@@ -124,7 +124,7 @@ def score(
             fn_constructor_kwargs={"model": model, "features": features, "keys": keys},
             batch_format="pandas",
             batch_size=spec.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=spec.concurrency),
+            compute=ray.data.ActorPoolStrategy(size=scoring_actors(spec.concurrency)),
             num_cpus=1,
         ).materialize()
         scored.select_columns([*keys, "prediction", "probability"]).write_parquet(
@@ -165,6 +165,22 @@ def score(
         storage.join(out, "manifest.json"), json.dumps(manifest, indent=1).encode(), options
     )
     return {"rows": profile["rows"], "out": out, "files": sorted(files)}
+
+
+def scoring_actors(concurrency: int, cluster_cpus: float | None = None) -> int:
+    """How many scoring actors (1 CPU each) to start: ``score.concurrency``, but leaving one
+    CPU free. Ray Data's file listing runs as a 1-CPU task whatever the read's ``num_cpus``;
+    with every CPU held by an actor it never starts and scoring hangs (seen on 2 CPUs).
+
+    Example:
+        >>> scoring_actors(2, cluster_cpus=2.0), scoring_actors(4, 16.0), scoring_actors(2, 1.0)
+        (1, 4, 1)
+    """
+    if cluster_cpus is None:
+        import ray
+
+        cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    return max(1, min(concurrency, int(cluster_cpus) - 1))
 
 
 def scored_files(out: str, options: StorageOptions) -> list[str]:
