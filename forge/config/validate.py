@@ -26,6 +26,7 @@ def to_run_spec(cfg: DictConfig | dict[str, Any]) -> RunSpec:
     """
     data = resolve(cfg)
     data.pop("hydra", None)
+    data.pop("sweep", None)  # the sweep group configures forge.sweep, not one run
     try:
         spec = RunSpec.model_validate(data)
     except ValidationError as exc:
