@@ -26,6 +26,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "compose": "forge.config.compose",
     "train": "forge.api",
+    "sweep": "forge.sweep.run",
+    "SweepResult": "forge.sweep.run",
     "RunResult": "forge.api",
     "Recipe": "forge.recipe",
     "ForgeError": "forge.errors",
@@ -42,9 +44,11 @@ __all__ = [
     "ForgeError",
     "Recipe",
     "RunResult",
+    "SweepResult",
     "TrainingError",
     "__version__",
     "compose",
+    "sweep",
     "train",
 ]
 
@@ -53,6 +57,7 @@ if TYPE_CHECKING:
     from forge.config.compose import compose
     from forge.errors import CheckpointError, ClusterError, ConfigError, ForgeError, TrainingError
     from forge.recipe import Recipe
+    from forge.sweep.run import SweepResult, sweep
 
 
 def __getattr__(name: str) -> Any:

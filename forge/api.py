@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +62,7 @@ def train(
     *,
     overrides: Sequence[str] | None = None,
     console: Console | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     """Train a recipe on Ray and return the result.
 
@@ -71,6 +72,8 @@ def train(
         overrides: The overrides that produced ``config`` (recorded in the run folder and the
             resume command); taken from ``config`` when it is a list.
         console: Where progress and the summary go (stderr by default).
+        on_progress: Also called with every progress event from rank 0 (validations,
+            committed checkpoints, ...); a sweep trial reports them to Tune from here.
 
     Returns:
         A :class:`RunResult`.
@@ -127,8 +130,14 @@ def train(
             f"{spec.strategy.name} over {spec.scaling.backend}, run folder {plan.run_uri}"
         )
         progress = ConsoleProgress(console)
+
+        def show(event: dict[str, Any]) -> None:
+            progress(event)
+            if on_progress is not None:
+                on_progress(event)
+
         try:
-            summary = launch(spec, plan, progress)
+            summary = launch(spec, plan, show)
         finally:
             progress.close()
     result = RunResult(
