@@ -449,7 +449,16 @@ def restore(
     rank: int,
     world_size: int | None = None,
 ) -> LoopState:
-    """Load model/optimizer through the strategy, then schedule, RNG and data position."""
+    """Load model/optimizer through the strategy, then schedule, RNG and data position.
+
+    Hyperparameters come from this run's config, not from the checkpoint's optimizer state: a
+    PBT trial that continues another trial's checkpoint with a mutated lr or weight decay must
+    train with its own values from its first step (for a plain resume they are the same).
+    """
+    configured = [
+        {k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+        for g in optimizer.param_groups
+    ]
     strategy.load_checkpoint(model, optimizer, ckpt)
     saved = dict(ckpt.manifest.state)
     saved_world = ckpt.manifest.world_size
@@ -459,6 +468,12 @@ def restore(
         # rounded down to whole batches: at most one global batch is seen twice, none skipped.
         saved["batch_in_epoch"] = saved["batch_in_epoch"] * saved_world // world_size
     scheduler.last_epoch = saved.pop("scheduler_last_epoch", ckpt.step)
+    for group, hyper, base, factor in zip(
+        optimizer.param_groups, configured, scheduler.base_lrs, scheduler.lr_lambdas
+    ):
+        group.update(hyper)
+        group["initial_lr"] = base  # the configured peak lr, as LambdaLR set it
+        group["lr"] = base * factor(scheduler.last_epoch)  # what LambdaLR.step() computes
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
     rng_file = f"rank{rank}.safetensors"
     if rng_file in ckpt.manifest.files:  # absent when resuming on more workers than saved
