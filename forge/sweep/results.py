@@ -135,8 +135,9 @@ def best_yaml(
 
     ``config`` is the trial's composed config without run-specific keys (storage, ray,
     run_name, resume, sweep); the file pins all of it, so ``experiment=best`` reproduces the
-    trial whatever the shipped defaults are. Use it with ``--config-dir`` pointing at a folder
-    whose ``experiment/`` holds it, or copy it into ``configs/experiment/``.
+    trial whatever the shipped defaults are: copy it to ``<dir>/experiment/best.yaml`` and run
+    ``python -m forge experiment=best 'hydra.searchpath=[file://<dir>]'`` (or copy it into
+    ``configs/experiment/``).
 
     Example:
         >>> t = TrialRecord("a", {"optim.lr": 0.01}, "TERMINATED", [{"step": 5, "val/loss": 0.4}])
@@ -152,7 +153,8 @@ def best_yaml(
         + ", ".join(f"{k}={_format(v)}" for k, v in best.params.items()),
         "# Re-run it exactly:",
         f"#   {line}",
-        "# or: python -m forge --config-dir <folder with experiment/best.yaml> experiment=best",
+        "# or as an experiment: copy this file to <dir>/experiment/best.yaml (or configs/experiment/)",
+        "#   and run: python -m forge experiment=best 'hydra.searchpath=[file://<dir>]'",
     ]
     body: dict[str, Any] = {}
     if recipe_group:
