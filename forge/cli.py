@@ -60,9 +60,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     console = make_console()
     if argv and argv[0] in VERBS:
         sys.exit(_run_verb(argv[0], argv[1:], console))
-    if {"-m", "--multirun"}.intersection(argv) and not {"--help", "-h", "--hydra-help"}.intersection(
-        argv
-    ):
+    wants_help = {"--help", "-h", "--hydra-help"}.intersection(argv)
+    if {"-m", "--multirun"}.intersection(argv) and not wants_help:
         # Sweeps run on Ray Tune (forge.sweep), not on Hydra's sequential basic sweeper.
         args = [a for a in argv if a not in ("-m", "--multirun")]
         sys.exit(_run_verb("sweep", args, console))

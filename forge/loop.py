@@ -469,7 +469,11 @@ def restore(
         saved["batch_in_epoch"] = saved["batch_in_epoch"] * saved_world // world_size
     scheduler.last_epoch = saved.pop("scheduler_last_epoch", ckpt.step)
     for group, hyper, base, factor in zip(
-        optimizer.param_groups, configured, scheduler.base_lrs, scheduler.lr_lambdas
+        optimizer.param_groups,
+        configured,
+        scheduler.base_lrs,
+        scheduler.lr_lambdas,
+        strict=True,
     ):
         group.update(hyper)
         group["initial_lr"] = base  # the configured peak lr, as LambdaLR set it

@@ -87,8 +87,14 @@ class Dimension:
         if self.integer:
             # Tune's upper bound is exclusive; Hydra's (and Optuna's) int interval includes it.
             high = int(self.high) + 1
-            return tune.lograndint(int(self.low), high) if self.log else tune.randint(int(self.low), high)
-        return tune.loguniform(self.low, self.high) if self.log else tune.uniform(self.low, self.high)
+            return (
+                tune.lograndint(int(self.low), high)
+                if self.log
+                else tune.randint(int(self.low), high)
+            )
+        return (
+            tune.loguniform(self.low, self.high) if self.log else tune.uniform(self.low, self.high)
+        )
 
 
 @dataclass(frozen=True)
@@ -119,9 +125,9 @@ def parse_sweep(overrides: Sequence[str]) -> ParsedSweep:
             equivalent (``glob``, ``shuffle``).
 
     Example:
-        >>> s = parse_sweep(["seed=0,1", "optim.lr=tag(log,interval(1e-4,1e-1))", "trainer.max_steps=9"])
+        >>> s = parse_sweep(["seed=0,1", "optim.lr=tag(log,interval(1e-4,1e-1))", "data.shuffle=0"])
         >>> s.base
-        ('trainer.max_steps=9',)
+        ('data.shuffle=0',)
         >>> [(d.name, d.kind, d.values, d.log) for d in s.dims]
         [('seed', 'grid', (0, 1), False), ('optim.lr', 'uniform', (), True)]
         >>> parse_sweep(["x=range(0.1,0.4,0.1)"]).dims[0].values

@@ -107,14 +107,31 @@ def trials_csv(trials: Sequence[TrialRecord], metric: str, mode: str) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(
-        ["trial_id", *names, f"final_{metric}", f"best_{metric}", "steps", "status",
-         "stopped_early", "run_dir", "best_checkpoint"]
+        [
+            "trial_id",
+            *names,
+            f"final_{metric}",
+            f"best_{metric}",
+            "steps",
+            "status",
+            "stopped_early",
+            "run_dir",
+            "best_checkpoint",
+        ]
     )
     for t in trials:
         writer.writerow(
-            [t.trial_id, *(t.params.get(n, "") for n in names), _num(t.final(metric)),
-             _num(t.best(metric, mode)), t.steps, t.status, t.stopped_early, t.run_dir or "",
-             t.best_checkpoint or ""]
+            [
+                t.trial_id,
+                *(t.params.get(n, "") for n in names),
+                _num(t.final(metric)),
+                _num(t.best(metric, mode)),
+                t.steps,
+                t.status,
+                t.stopped_early,
+                t.run_dir or "",
+                t.best_checkpoint or "",
+            ]
         )
     return out.getvalue()
 
@@ -153,7 +170,7 @@ def best_yaml(
         + ", ".join(f"{k}={_format(v)}" for k, v in best.params.items()),
         "# Re-run it exactly:",
         f"#   {line}",
-        "# or as an experiment: copy this file to <dir>/experiment/best.yaml (or configs/experiment/)",
+        "# or as an experiment: copy this file to <dir>/experiment/best.yaml",
         "#   and run: python -m forge experiment=best 'hydra.searchpath=[file://<dir>]'",
     ]
     body: dict[str, Any] = {}
@@ -181,7 +198,9 @@ def plot_png(trials: Sequence[TrialRecord], metric: str) -> dict[str, bytes]:
     for t in trials:
         rows = [r for r in t.history if _finite(r.get(metric))]
         if rows:
-            ax.plot([r["step"] for r in rows], [r[metric] for r in rows], marker=".", label=t.trial_id)
+            ax.plot(
+                [r["step"] for r in rows], [r[metric] for r in rows], marker=".", label=t.trial_id
+            )
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} by trial")

@@ -130,7 +130,9 @@ def build_tuner(plan: SweepPlan, concurrent: int, console: Console) -> Any:
             resume_errored=True,
             storage_filesystem=filesystem,
         )
-    param_space = {d.name: d.to_tune(as_grid=plan.sweep.scheduler != "optuna") for d in plan.parsed.dims}
+    param_space = {
+        d.name: d.to_tune(as_grid=plan.sweep.scheduler != "optuna") for d in plan.parsed.dims
+    }
     scheduler, search_alg = make_scheduler(plan)
     return tune.Tuner(
         trainable,
@@ -249,7 +251,9 @@ class LiveTable(_callback_base()):  # type: ignore[misc]
             highlight=False,
         )
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
         self._line(trial, result.get("step"), result.get(self.plan.metric), "RUNNING")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -280,7 +284,11 @@ def collect(plan: SweepPlan, grid: Any) -> list[TrialRecord]:
         df = result.metrics_dataframe
         history: list[dict[str, Any]] = []
         if df is not None and "step" in df:
-            keep = [c for c in df.columns if c == "step" or c.startswith("val/") or c in ("lr", "train/loss")]
+            keep = [
+                c
+                for c in df.columns
+                if c == "step" or c.startswith("val/") or c in ("lr", "train/loss")
+            ]
             history = [
                 {k: v for k, v in row.items() if v == v}  # drop NaN
                 for row in df[keep].to_dict("records")
@@ -314,7 +322,9 @@ def _trial_id(result: Any) -> str:
     return path.rstrip("/").rsplit("tune-", 1)[-1]
 
 
-def finish(plan: SweepPlan, records: list[TrialRecord], console: Console, wall: float) -> SweepResult:
+def finish(
+    plan: SweepPlan, records: list[TrialRecord], console: Console, wall: float
+) -> SweepResult:
     """Write the results files and build the :class:`SweepResult`."""
     from forge.checkpoint.storage import StorageOptions
     from forge.config.compose import compose

@@ -63,7 +63,9 @@ def trial_overrides(
     ]
 
 
-def decide_run(trial_id: str, pointer: dict[str, Any] | None, has_checkpoints: Any) -> tuple[str, str, str | None]:
+def decide_run(
+    trial_id: str, pointer: dict[str, Any] | None, has_checkpoints: Any
+) -> tuple[str, str, str | None]:
     """Which run folder a trial (re)starts in, and from what.
 
     Args:
@@ -116,7 +118,9 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     options = StorageOptions.from_spec(to_run_spec(probe_cfg).storage)
 
     def has_checkpoints(name: str) -> bool:
-        return bool(CheckpointStore(storage.join(setup.sweep_uri, name), options=options).committed())
+        return bool(
+            CheckpointStore(storage.join(setup.sweep_uri, name), options=options).committed()
+        )
 
     run_name, resume, cloned_from = decide_run(trial_id, pointer, has_checkpoints)
     overrides = trial_overrides(setup, values, run_name, resume)
@@ -182,7 +186,9 @@ class _Reporter:
         self.run_uri = run_uri
         self.trial_id = trial_id
         # Never report a step twice or backwards after a restart (schedulers' time attribute).
-        self.last_step = int(pointer.get("step", -1)) if pointer and run_name == pointer.get("run_name") else -1
+        self.last_step = (
+            int(pointer.get("step", -1)) if pointer and run_name == pointer.get("run_name") else -1
+        )
         self.train: dict[str, float] = {}
         self.pending: dict[str, Any] | None = None
         self.checkpoints: dict[int, str] = {}

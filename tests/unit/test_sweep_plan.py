@@ -79,7 +79,9 @@ def test_pbt_refuses_keys_that_cannot_change_within_a_run():
     assert "cannot search scaling.num_workers" in msg and "optim.lr" in msg
     assert "recipe.params.channels" in refused(["sweep=pbt", "recipe.params.channels=8,16"])
     # the recipe may declare params PBT can change (digits: dropout)
-    plan_sweep([*SMALL, "sweep=pbt", "recipe.params.dropout=interval(0.0,0.3)", "optim.lr=0.01,0.1"])
+    plan_sweep(
+        [*SMALL, "sweep=pbt", "recipe.params.dropout=interval(0.0,0.3)", "optim.lr=0.01,0.1"]
+    )
 
 
 def test_fractional_gpus_with_many_workers_refused():
@@ -129,13 +131,26 @@ def test_bad_sweep_from_the_cli_exits_2_without_ray():
 
 def records() -> list[TrialRecord]:
     a = TrialRecord(
-        "a", {"optim.lr": 0.1, "seed": 0}, "TERMINATED",
-        [{"step": 10, "val/loss": 0.9}, {"step": 20, "val/loss": 0.5}], "/r/a", "/r/a/ck", 40,
+        "a",
+        {"optim.lr": 0.1, "seed": 0},
+        "TERMINATED",
+        [{"step": 10, "val/loss": 0.9}, {"step": 20, "val/loss": 0.5}],
+        "/r/a",
+        "/r/a/ck",
+        40,
     )
     b = TrialRecord(
-        "b", {"optim.lr": 0.01, "seed": 1}, "TERMINATED",
-        [{"step": 10, "val/loss": 0.7}, {"step": 20, "val/loss": 0.4}, {"step": 40, "val/loss": 0.45}],
-        "/r/b", "/r/b/ck", 40,
+        "b",
+        {"optim.lr": 0.01, "seed": 1},
+        "TERMINATED",
+        [
+            {"step": 10, "val/loss": 0.7},
+            {"step": 20, "val/loss": 0.4},
+            {"step": 40, "val/loss": 0.45},
+        ],
+        "/r/b",
+        "/r/b/ck",
+        40,
     )
     return [a, b]
 
@@ -153,12 +168,20 @@ def test_best_trial_and_csv_rows():
 def test_write_results_commits_files_then_manifest(tmp_path: Path):
     a, b = records()
     files = write_results(
-        str(tmp_path), [a, b], "val/loss", "min", ["optim.lr=0.01", "seed=1"],
-        {"optim": {"lr": 0.01}, "seed": 1}, "digits",
+        str(tmp_path),
+        [a, b],
+        "val/loss",
+        "min",
+        ["optim.lr=0.01", "seed=1"],
+        {"optim": {"lr": 0.01}, "seed": 1},
+        "digits",
     )
     manifest = json.loads((tmp_path / "results_manifest.json").read_text())
     assert set(manifest["files"]) == {
-        "trials.csv", "best.yaml", "plots/metric_vs_step.png", "plots/metric_vs_optim_lr.png",
+        "trials.csv",
+        "best.yaml",
+        "plots/metric_vs_step.png",
+        "plots/metric_vs_optim_lr.png",
         "plots/metric_vs_seed.png",
     }
     for name, entry in manifest["files"].items():
