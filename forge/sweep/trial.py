@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -81,9 +82,9 @@ def decide_run(
     Example:
         >>> decide_run("t1", None, lambda n: False)
         ('trial-t1', 'auto', None)
-        >>> p = {"uri": "/s/trial-t2/step_00000010", "run_name": "trial-t2", "step": 10}
+        >>> p = {"uri": "/s/trial-t2/step_10", "run_name": "trial-t2", "step": 10, "trial_id": "t2"}
         >>> decide_run("t1", p, lambda n: False)
-        ('trial-t1-from-trial-t2-10', '/s/trial-t2/step_00000010', '/s/trial-t2/step_00000010')
+        ('trial-t1-from-t2-10', '/s/trial-t2/step_10', '/s/trial-t2/step_10')
         >>> decide_run("t1", {"uri": "/s/trial-t1/step_00000010", "run_name": "trial-t1"}, None)
         ('trial-t1', 'auto', None)
     """
@@ -93,7 +94,8 @@ def decide_run(
     source = pointer["run_name"]
     if source == own or source.startswith(own + "-from-"):
         return source, "auto", None  # a restart of this trial: continue its own run
-    run_name = f"{own}-from-{source}-{pointer.get('step', 0)}"
+    origin = pointer.get("trial_id") or source
+    run_name = f"{own}-from-{origin}-{pointer.get('step', 0)}"
     if has_checkpoints(run_name):  # this exploit already started once: continue it
         return run_name, "auto", None
     return run_name, pointer["uri"], pointer["uri"]
@@ -240,7 +242,11 @@ class _Reporter:
             with open(os.path.join(folder, POINTER_FILE), "w") as f:
                 json.dump(pointer, f)
             checkpoint = tune.Checkpoint.from_directory(folder)
-        tune.report(metrics, checkpoint=checkpoint)
+        try:
+            tune.report(metrics, checkpoint=checkpoint)
+        finally:
+            if checkpoint is not None:  # Tune has copied the pointer into the sweep folder
+                shutil.rmtree(checkpoint.path, ignore_errors=True)
 
 
 def _read_pointer(checkpoint: Any) -> dict[str, Any] | None:
