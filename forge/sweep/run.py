@@ -120,6 +120,10 @@ def build_tuner(plan: SweepPlan, concurrent: int, console: Console) -> Any:
         tune.with_parameters(run_trial, setup=setup), {"cpu": 0, "memory": 1}
     )
     storage_path, filesystem = tune_storage(plan)
+    # The driver shows forge's own trial table; Tune's experiment box and snapshot hints are
+    # noise there (verbose=0 silences only the legacy reporter).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     exp_path = f"{storage_path.rstrip('/')}/{plan.name}"
     if tune.Tuner.can_restore(exp_path, storage_filesystem=filesystem):
         console.print(f"continuing the sweep in {plan.uri} (finished trials are not rerun)")
@@ -133,7 +137,7 @@ def build_tuner(plan: SweepPlan, concurrent: int, console: Console) -> Any:
     param_space = {
         d.name: d.to_tune(as_grid=plan.sweep.scheduler != "optuna") for d in plan.parsed.dims
     }
-    scheduler, search_alg = make_scheduler(plan)
+    scheduler, search_alg = make_scheduler(plan, concurrent)
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -152,13 +156,14 @@ def build_tuner(plan: SweepPlan, concurrent: int, console: Console) -> Any:
             storage_filesystem=filesystem,
             verbose=0,
             callbacks=[LiveTable(plan, console)],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            # Pointers are a few bytes; keeping them all avoids Tune's forced state snapshots.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             failure_config=tune.FailureConfig(max_failures=plan.base.trainer.max_failures),
         ),
     )
 
 
-def make_scheduler(plan: SweepPlan) -> tuple[Any, Any]:
+def make_scheduler(plan: SweepPlan, concurrent: int) -> tuple[Any, Any]:
     """Tune's scheduler and searcher for ``sweep.scheduler`` (time attribute: forge's step)."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -171,10 +176,12 @@ def make_scheduler(plan: SweepPlan) -> tuple[Any, Any]:
         grace_period=s.grace_period,
         reduction_factor=s.reduction_factor,
     )
+    # Tune applies max_concurrent_trials only to a Searcher; the variant generator takes it.
+    variants = BasicVariantGenerator(random_state=s.seed, max_concurrent=concurrent)
     if s.scheduler == "basic":
-        return FIFOScheduler(), BasicVariantGenerator(random_state=s.seed)
+        return FIFOScheduler(), variants
     if s.scheduler == "asha":
-        return asha, BasicVariantGenerator(random_state=s.seed)
+        return asha, variants
     if s.scheduler == "optuna":
         import optuna
         from ray.tune.search.optuna import OptunaSearch
@@ -190,7 +197,7 @@ def make_scheduler(plan: SweepPlan) -> tuple[Any, Any]:
         resample_probability=s.resample_probability,
         seed=s.seed,
     )
-    return pbt, BasicVariantGenerator(random_state=s.seed)
+    return pbt, variants
 
 
 def monitor_overrides(plan: SweepPlan) -> tuple[str, ...]:

@@ -166,8 +166,10 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         if event is None:
             break
         reporter.handle(event)
-    reporter.flush()
     worker.join()
+    # The final validation is reported only now, when forge has committed the last checkpoint
+    # and released the run folder: a scheduler stops a trial at its last report.
+    reporter.flush()
     if "error" in outcome:
         raise outcome["error"]
 
@@ -208,11 +210,14 @@ class _Reporter:
             self.flush()
             self.pending = event
             step, every = int(event["step"]), self.checkpoint_every
-            if not (step == self.total_steps or (every and step % every == 0)):
+            if step == self.total_steps:
+                pass  # the last report waits until the run has finished (see run_trial)
+            elif not (every and step % every == 0):
                 self.flush()  # no checkpoint due at this step: report now
         elif kind == "checkpoint":
             self.checkpoints[int(event["step"])] = event["uri"]
-            if self.pending is not None and int(self.pending["step"]) == int(event["step"]):
+            step = int(event["step"])
+            if self.pending is not None and int(self.pending["step"]) == step != self.total_steps:
                 self.flush()  # the validation and the checkpoint of the same step, together
 
     def flush(self) -> None:

@@ -62,6 +62,8 @@ def test_validation_waits_for_its_checkpoint_and_reports_a_pointer(reports):
     assert reports[1][0]["step"] == 15 and reports[1][1] is None
     r.handle({"event": "val", "step": 25, "val/loss": 0.7})  # the last step saves a checkpoint
     r.handle({"event": "checkpoint", "step": 25, "uri": "/s/trial-a/step_25"})
+    assert len(reports) == 2  # the last report waits for the run's end (run_trial flushes)
+    r.flush()
     assert reports[2][1]["uri"] == "/s/trial-a/step_25"
 
 
