@@ -195,7 +195,6 @@ def make_scheduler(plan: SweepPlan, concurrent: int) -> tuple[Any, Any]:
         hyperparam_mutations=mutations,
         quantile_fraction=s.quantile_fraction,
         resample_probability=s.resample_probability,
-        seed=s.seed,
     )
     return pbt, variants
 

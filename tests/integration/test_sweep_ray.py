@@ -46,7 +46,7 @@ def test_asha_sweep_on_digits(ray_cluster: str, tmp_path: Path) -> None:
             "sweep=asha",
             "sweep.grace_period=10",
             "sweep.max_concurrent_trials=2",
-            "optim.lr=0.2,0.0002,0.1,0.0001",
+            "optim.lr=0.2,0.0002,0.1,0.00001",
         )
     )
     assert len(result.trials) == 4
@@ -54,7 +54,7 @@ def test_asha_sweep_on_digits(ray_cluster: str, tmp_path: Path) -> None:
     assert all(t["status"] == "TERMINATED" for t in result.trials)
     assert any(t["stopped_early"] for t in result.trials), result.trials
     assert by_lr[0.2]["steps"] == 30 and not by_lr[0.2]["stopped_early"]
-    assert by_lr[0.0001]["stopped_early"] and by_lr[0.0001]["steps"] < 30
+    assert by_lr[0.00001]["stopped_early"] and by_lr[0.00001]["steps"] < 30
     sweep_dir = Path(result.sweep_dir)
     assert sweep_dir.parent == tmp_path
     rows = list(csv.DictReader((sweep_dir / "trials.csv").open()))
