@@ -147,7 +147,8 @@ def build_tuner(plan: SweepPlan, concurrent: int, console: Console) -> Any:
             num_samples=plan.sweep.num_samples,
             scheduler=scheduler,
             search_alg=search_alg,
-            max_concurrent_trials=concurrent,
+            # a Searcher (Optuna) is limited here; the variant generator limits itself
+            max_concurrent_trials=concurrent if plan.sweep.scheduler == "optuna" else None,
             trial_dirname_creator=lambda trial: f"tune-{trial.trial_id}",
         ),
         run_config=tune.RunConfig(
