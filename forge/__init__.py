@@ -30,6 +30,9 @@ _EXPORTS = {
     "SweepResult": "forge.sweep.run",
     "RunResult": "forge.api",
     "Recipe": "forge.recipe",
+    "ExportSpec": "forge.recipe",
+    "export": "forge.export",
+    "ExportResult": "forge.export",
     "ForgeError": "forge.errors",
     "ConfigError": "forge.errors",
     "ClusterError": "forge.errors",
@@ -41,6 +44,8 @@ __all__ = [
     "CheckpointError",
     "ClusterError",
     "ConfigError",
+    "ExportResult",
+    "ExportSpec",
     "ForgeError",
     "Recipe",
     "RunResult",
@@ -48,6 +53,7 @@ __all__ = [
     "TrainingError",
     "__version__",
     "compose",
+    "export",
     "sweep",
     "train",
 ]
@@ -56,7 +62,8 @@ if TYPE_CHECKING:
     from forge.api import RunResult, train
     from forge.config.compose import compose
     from forge.errors import CheckpointError, ClusterError, ConfigError, ForgeError, TrainingError
-    from forge.recipe import Recipe
+    from forge.export import ExportResult, export
+    from forge.recipe import ExportSpec, Recipe
     from forge.sweep.run import SweepResult, sweep
 
 
