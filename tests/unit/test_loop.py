@@ -580,6 +580,8 @@ def test_resume_with_a_new_lr_uses_it_from_the_first_step(tmp_path: Path) -> Non
     after = load(Path(second["last_checkpoint"], "model.safetensors").read_bytes())
     # one SGD step at lr 1e-12 moves no weight visibly; at the checkpoint's 0.5 it would
     assert max((after[k] - before[k]).abs().max().item() for k in before) < 1e-9
+
+
 # --------------------------------------------------------------------------------------------
 # (f) resume is idempotent for everything a run appends (metrics.jsonl, TensorBoard)
 
