@@ -4,7 +4,7 @@ Three ways in, all first-class::
 
     python -m forge trainer.max_steps=200          # Hydra overrides
     forge.train(["experiment=digits"])              # library API (returns a RunResult)
-    ray job submit -- python -m forge ray.address=auto ...   # a running Ray cluster
+    forge.submit(["experiment=digits"], address="http://head:8265")  # a Ray cluster's jobs
 
 Nothing heavy (torch, ray, hydra) is imported by ``import forge``; names load on first use.
 
@@ -28,6 +28,8 @@ _EXPORTS = {
     "train": "forge.api",
     "sweep": "forge.sweep.run",
     "SweepResult": "forge.sweep.run",
+    "submit": "forge.jobs",
+    "JobHandle": "forge.jobs",
     "RunResult": "forge.api",
     "Recipe": "forge.recipe",
     "ExportSpec": "forge.recipe",
@@ -47,6 +49,7 @@ __all__ = [
     "ExportResult",
     "ExportSpec",
     "ForgeError",
+    "JobHandle",
     "Recipe",
     "RunResult",
     "SweepResult",
@@ -54,6 +57,7 @@ __all__ = [
     "__version__",
     "compose",
     "export",
+    "submit",
     "sweep",
     "train",
 ]
@@ -63,6 +67,7 @@ if TYPE_CHECKING:
     from forge.config.compose import compose
     from forge.errors import CheckpointError, ClusterError, ConfigError, ForgeError, TrainingError
     from forge.export import ExportResult, export
+    from forge.jobs import JobHandle, submit
     from forge.recipe import ExportSpec, Recipe
     from forge.sweep.run import SweepResult, sweep
 

@@ -88,7 +88,7 @@ def train(
         >>> result.global_step  # doctest: +SKIP
         20
     """
-    from forge.cluster import check_resources, ray_session
+    from forge.cluster import check_resources, check_storage_shared, ray_session
     from forge.launch import launch
     from forge.progress import ConsoleProgress, print_summary
 
@@ -103,6 +103,13 @@ def train(
     console = console or make_console()
     if notice:
         console.print(notice)
+    # The data pass (forge.data): bad data is refused here, before any worker starts.
+    from forge.data.prepare import prepare as prepare_data
+
+    data = prepare_data(spec)
+    plan = plan.model_copy(update={"data_fingerprint": data.fingerprint, "data_table": data.table})
+    for note in data.notes:
+        console.print(note, highlight=False, markup=False)
     # One run per run folder, from here until the end (refused here, before any worker starts).
     lock = RunLock.acquire(
         plan.run_uri,
@@ -114,6 +121,7 @@ def train(
     )
     with lock, ray_session(spec.ray, spec.verbose):
         check_resources(spec.scaling)
+        check_storage_shared(spec.storage)
         git_sha, dirty = git_state()
         write_provenance(
             plan.run_uri,
@@ -124,7 +132,14 @@ def train(
             git_sha=git_sha,
             git_dirty=dirty,
             options=lock.options,
+            data_fingerprint=data.fingerprint,
         )
+        if data.profile:
+            from forge.data.profile import PROFILE_FILE, dumps
+
+            storage.write_bytes(
+                storage.join(plan.run_uri, PROFILE_FILE), dumps(data.profile), lock.options
+            )
         console.print(
             f"[bold]forge[/] {spec.recipe.name}: {spec.scaling.num_workers} worker(s), "
             f"{spec.strategy.name} over {spec.scaling.backend}, run folder {plan.run_uri}"

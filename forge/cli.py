@@ -7,6 +7,7 @@ non-zero exit code instead of a traceback.
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -70,7 +71,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         overrides = [a for a in argv if not a.startswith("-") and not _is_flag_value(argv, a)]
         _exit_on_error(console, lambda: _precheck(overrides))
     sys.argv = [sys.argv[0], *argv]
+    # `forge jobs stop` / `ray job stop` send SIGTERM: handle it like Ctrl-C, so the run lock is
+    # released and the run can resume at once (committed checkpoints are kept either way).
+    signal.signal(signal.SIGTERM, _sigterm_as_sigint)
     _hydra_main()
+
+
+def _sigterm_as_sigint(signum: int, frame: object) -> None:
+    """SIGTERM does what Ctrl-C does at that moment: during ``trainer.fit`` Ray Train's own
+    SIGINT handler aborts the worker group (no worker goes on writing checkpoints after the
+    driver is gone); elsewhere a KeyboardInterrupt."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
 
 
 def _run_verb(verb: str, args: list[str], console: Console) -> int:

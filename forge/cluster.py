@@ -8,7 +8,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from forge.config.specs import RaySpec, ScalingSpec
+from forge.config.specs import RaySpec, ScalingSpec, StorageSpec
 from forge.errors import ClusterError
 
 
@@ -125,3 +125,42 @@ def workers_that_fit(scaling: ScalingSpec, nodes: list[dict] | None = None) -> i
         res = node["Resources"]
         fits += int(min(res.get(k, 0) / v for k, v in per_worker.items()) + 1e-9)
     return fits
+
+
+def check_storage_shared(storage: StorageSpec) -> None:
+    """Refuse a local ``storage.uri`` when the cluster spans several machines.
+
+    Each machine would write its own copy of the run folder: rank 0's manifest would vouch
+    for shards that other ranks left on other disks, and a resume would find half a
+    checkpoint. Raylets on one machine share its disk, so machines are counted by address.
+    ``storage.shared=true`` declares a file system every node mounts at the same path (NFS).
+    """
+    import ray
+
+    hosts = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")})
+    problem = local_storage_problem(storage, hosts)
+    if problem:
+        raise ClusterError(problem)
+
+
+def local_storage_problem(storage: StorageSpec, hosts: list[str]) -> str | None:
+    """The refusal message for ``storage`` on a cluster of ``hosts``, or None if it is fine.
+
+    Example:
+        >>> local_storage_problem(StorageSpec(uri="runs"), ["10.0.0.1"]) is None
+        True
+        >>> local_storage_problem(StorageSpec(uri="s3://b/runs"), ["10.0.0.1", "10.0.0.2"])
+        >>> local_storage_problem(StorageSpec(uri="runs"), ["10.0.0.1", "10.0.0.2"])[:40]
+        'storage.uri=runs is a local path, but th'
+    """
+    scheme = storage.uri.split("://", 1)[0] if "://" in storage.uri else "file"
+    if scheme != "file" or storage.shared or len(hosts) < 2:
+        return None
+    return (
+        f"storage.uri={storage.uri} is a local path, but this Ray cluster spans {len(hosts)} "
+        f"machines ({', '.join(hosts[:4])}{', ...' if len(hosts) > 4 else ''}): each would "
+        "write its own part of the run folder to its own disk, and no checkpoint would be "
+        "whole. Use object storage (storage=s3 storage.uri=s3://bucket/prefix), or, if the "
+        "path is a file system that every node mounts at the same place (NFS, Lustre), say so "
+        "with storage.shared=true."
+    )

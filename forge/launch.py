@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import threading
 import uuid
@@ -41,18 +42,33 @@ def launch(spec: RunSpec, plan: LaunchPlan, on_progress: ProgressFn) -> dict[str
     pump = threading.Thread(target=_pump, args=(queue, handle, stop), daemon=True)
     pump.start()
 
+    spec, recipe_env, staging = _ship_recipe_file(spec)
     scaling = spec.scaling
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
+    datasets = data_config = None
+    if plan.data_table is not None:  # a file source: Ray Data reads it, Ray Train shards it
+        from forge.data.feed import data_cpus, make_datasets
+
+        training_cpus = scaling.num_workers * scaling.cpus_per_worker
+        cpus = data_cpus(ray.cluster_resources().get("CPU", 0), training_cpus)
+        datasets = make_datasets(plan.data_table, spec.seed, cpus)
+        # Only "train" is split across workers; every worker evaluates all of "val".
+        data_config = ray.train.DataConfig(datasets_to_split=["train"])
+        if cpus == 0:  # Ray Data's budget excludes training's CPUs; its tasks now need none
+            data_config.set_train_total_resources(0, 0)
     trainer = TorchTrainer(
         train_fn,
+        datasets=datasets,
+        dataset_config=data_config,
         train_loop_config={"spec": spec, "plan": plan, "progress": queue},
         torch_config=TorchConfig(backend=scaling.backend),
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
             resources_per_worker=resources,
+            placement_strategy=scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             # forge owns checkpoints and the run folder; Ray only keeps its own bookkeeping,
@@ -60,6 +76,7 @@ def launch(spec: RunSpec, plan: LaunchPlan, on_progress: ProgressFn) -> dict[str
             name=f"forge-{uuid.uuid4().hex[:12]}",
             storage_path=os.path.join(tempfile.gettempdir(), "forge-ray-train"),
             failure_config=ray.train.FailureConfig(max_failures=spec.trainer.max_failures),
+            worker_runtime_env=recipe_env,
         ),
     )
     try:
@@ -71,10 +88,34 @@ def launch(spec: RunSpec, plan: LaunchPlan, on_progress: ProgressFn) -> dict[str
         pump.join(timeout=5)
         _drain(queue, handle)
         queue.shutdown()
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     if result.error is not None:
         raise unwrap_failure(result.error)
     summary.pop("event", None)
     return summary
+
+
+def _ship_recipe_file(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str | None]:
+    """A ``recipe.module`` file that exists here travels to every worker in the runtime env.
+
+    Workers on other nodes do not have the file; they import the copy from this one-file
+    package instead (forge.recipe.import_recipe_module). The path is made absolute so that
+    every worker derives the same package name from it. Returns the spec, the workers'
+    runtime env and the staging folder to delete after the run.
+    """
+    from pathlib import Path
+
+    from forge.recipe import stage_recipe_file
+
+    module = spec.recipe.module
+    if not module.endswith(".py") or not Path(module).expanduser().is_file():
+        return spec, {}, None  # a module path, or already shipped by a submitted job's env
+    path = Path(module).expanduser().resolve()
+    staging = tempfile.mkdtemp(prefix="forge-recipe-")
+    env = {"py_modules": [stage_recipe_file(path, staging)]}
+    spec = spec.model_copy(update={"recipe": spec.recipe.model_copy(update={"module": str(path)})})
+    return spec, env, staging
 
 
 def _pump(queue: Any, on_progress: ProgressFn, stop: threading.Event) -> None:

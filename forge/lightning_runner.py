@@ -405,6 +405,7 @@ class _ForgeCallback(pl.Callback):
             "metrics": dict(self.last_val) if self.last_val_step == step else {},
             "state": {"step": step, "epoch": self.epoch},
             "config_hash": self.plan.config_hash,
+            "data_fingerprint": self.plan.data_fingerprint,
             "git_sha": self.plan.git_sha,
         }
         if self.streamer is None:  # not wired up (direct use of the callback): synchronous

@@ -86,9 +86,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_recipe(spec: RunSpec) -> Recipe:
+def build_recipe(spec: RunSpec, table: Any = None) -> Recipe:
+    """The recipe's :class:`Recipe`; with a file source, ``build(params, data=table)``."""
     mod = import_recipe_module(spec.recipe.module)
-    recipe = mod.build(build_params(mod, spec.recipe.params))
+    params = build_params(mod, spec.recipe.params)
+    if table is not None:
+        from forge.data.recipes import build_with_table
+
+        recipe = build_with_table(mod, params, table, spec.recipe.module)
+    else:
+        recipe = mod.build(params)
     if not isinstance(recipe, Recipe):
         raise ConfigError(
             f"{spec.recipe.module}.build() returned {type(recipe).__name__}, not forge.Recipe."
@@ -102,7 +109,7 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
     is_main = ctx.rank == 0
     # Same seed everywhere before building: identical init and data splits on every worker.
     seed_everything(spec.seed)
-    recipe = build_recipe(spec)
+    recipe = build_recipe(spec, plan.data_table)
     if spec.strategy.zero_init and not recipe.builds_model_lazily:
         raise ConfigError(
             f"strategy.zero_init=true needs recipe {spec.recipe.module} to give Recipe.model as "
@@ -116,10 +123,26 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
     # The full size, before sharding (ZeRO-3 parameters built partitioned carry it in ds_numel).
     num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     model, optimizer = strategy.setup(model, lambda params: make_optimizer(spec.optim, params))
-    loader, sampler = train_loader(
-        recipe.train_data, spec.data, ctx.rank, ctx.world_size, spec.seed, recipe.collate_fn
-    )
-    micro_per_epoch = len(loader)
+    feed = None
+    if plan.data_table is not None:  # a file source: this worker's Ray Data shard
+        from forge.data.feed import FileFeed
+
+        feed = FileFeed(
+            plan.data_table,
+            spec.data.batch_size,
+            spec.data.shuffle,
+            spec.data.shuffle_buffer_rows,
+            spec.seed,
+            ctx.rank,
+            ctx.world_size,
+        )
+        loader = sampler = None
+        micro_per_epoch = feed.batches_per_epoch
+    else:
+        loader, sampler = train_loader(
+            recipe.train_data, spec.data, ctx.rank, ctx.world_size, spec.seed, recipe.collate_fn
+        )
+        micro_per_epoch = len(loader)
     steps_per_epoch = micro_per_epoch // trainer.accumulate_grad_batches
     if steps_per_epoch == 0:
         raise ConfigError(
@@ -156,6 +179,18 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
     ckpt, state = restore_newest(store, plan, strategy, model, optimizer, scheduler, ctx)
     if ckpt is not None and is_main:
         ctx.on_progress({"event": "resumed", "step": state.step, "uri": ckpt.uri})
+    if feed is not None and state.batch_in_epoch:
+        # forge.data.feed: a Ray Data shard cannot replay a position inside an epoch.
+        if is_main:
+            log.warning(
+                "Resumed at step %d inside epoch %d of data.source: the epoch starts over "
+                "(its %d batches per worker before the checkpoint are seen again); Ray Data "
+                "sources resume at epoch boundaries.",
+                state.step,
+                state.epoch,
+                state.batch_in_epoch,
+            )
+        state.batch_in_epoch = 0
 
     metrics_writer = None
     if is_main:
@@ -178,6 +213,10 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
             ctx.on_progress(event)
 
     def evaluate() -> dict[str, float]:
+        if feed is not None:
+            if not feed.table.has_val:
+                return {}
+            return run_eval(recipe, model, spec, ctx, batches=feed.val_batches())
         if recipe.val_data is None:
             return {}
         metrics = run_eval(recipe, model, spec, ctx)
@@ -232,6 +271,7 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
             state={**asdict(state), **files_sched},
             config_hash=plan.config_hash,
             git_sha=plan.git_sha,
+            data_fingerprint=plan.data_fingerprint,
         )
 
     step_times: list[float] = []
@@ -252,9 +292,13 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
         if state.batch_in_epoch >= usable:
             state.epoch += 1
             state.batch_in_epoch = 0
-        sampler.set_epoch(state.epoch, skip=state.batch_in_epoch * spec.data.batch_size)
+        if feed is not None:
+            batches = feed.epoch(state.epoch)
+        else:
+            sampler.set_epoch(state.epoch, skip=state.batch_in_epoch * spec.data.batch_size)
+            batches = loader
         for micro, batch in enumerate(
-            itertools.islice(loader, usable - state.batch_in_epoch), start=1
+            itertools.islice(batches, usable - state.batch_in_epoch), start=1
         ):
             state.batch_in_epoch += 1
             sync_now = micro % trainer.accumulate_grad_batches == 0
@@ -367,12 +411,18 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
 
 
 def run_eval(
-    recipe: Recipe, model: nn.Module, spec: RunSpec, ctx: WorkerContext
+    recipe: Recipe,
+    model: nn.Module,
+    spec: RunSpec,
+    ctx: WorkerContext,
+    batches: Any = None,
 ) -> dict[str, float]:
     """Average each metric over the whole validation set and all workers.
 
     ``eval_fn`` returns per-example values (or per-token: any whole multiple of the batch size);
     values of padded examples are dropped, so the average is exact for any worker count.
+    ``batches`` (``(batch, n_valid)`` pairs) replaces the recipe's ``val_data`` for a file
+    source, where every worker sees all of it: sums and counts both scale by the worker count.
     """
     eval_fn = recipe.eval_fn or (lambda m, b: {"loss": recipe.loss_fn(m, b)})
     totals: dict[str, torch.Tensor] = {}  # name -> (sum, count)
@@ -380,9 +430,11 @@ def run_eval(
     # Validation must not move the training RNG: a run validated at a step (e.g. the last step
     # of a shorter run that is then continued) trains on exactly as one that was not.
     with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(ctx.device)):
-        for batch, n_valid in eval_batches(
-            recipe.val_data, spec.data.batch_size, ctx.rank, ctx.world_size, recipe.collate_fn
-        ):
+        if batches is None:
+            batches = eval_batches(
+                recipe.val_data, spec.data.batch_size, ctx.rank, ctx.world_size, recipe.collate_fn
+            )
+        for batch, n_valid in batches:
             batch_size = batch_len(batch)
             batch = to_device(batch, ctx.device)
             with autocast(spec.trainer.precision, ctx.device):

@@ -11,7 +11,9 @@ optimizer, checkpoints, logging. Two kinds are first-class:
   LightningModule is brought unchanged and run by Lightning under Ray's Lightning strategies.
 
 Modules are found by import path (``recipe.module=recipes.digits``) or by file
-(``recipe.module=/abs/path/my_recipe.py``); a file is shipped to remote Ray nodes by the launcher.
+(``recipe.module=/abs/path/my_recipe.py``). A file travels to the other nodes of a cluster in
+the runtime env, as a one-file package (:func:`stage_recipe_file`, used by ``forge.launch`` and
+``forge.jobs``); where the path does not exist, the import finds that copy.
 """
 
 from __future__ import annotations
@@ -177,6 +179,9 @@ def import_recipe_module(module: str) -> ModuleType:
     if module.endswith(".py"):
         path = Path(module).expanduser().resolve()
         if not path.is_file():
+            # On another node of the cluster: the launcher shipped the file in the runtime env.
+            path = _shipped_copy(path) or path
+        if not path.is_file():
             raise ConfigError(
                 f"recipe.module={module!r}: no such file. Give an existing .py file or an "
                 "importable module path such as recipes.digits."
@@ -247,3 +252,47 @@ def build_params(mod: ModuleType, values: Mapping[str, Any]) -> Any:
             f"recipe.params.{loc}: {err['msg']} (got {err.get('input')!r}). "
             f"Fix the value in the recipe config or the override."
         ) from None
+
+
+def shipped_package_name(path: str | Path) -> str:
+    """Name of the one-file package that carries the recipe file ``path`` to other nodes.
+
+    Derived from the absolute path alone, so the driver and every worker agree on it without
+    being told.
+
+    Example:
+        >>> shipped_package_name("/home/me/my_recipe.py")
+        '_forge_recipe_0121f9adce54'
+    """
+    import hashlib
+
+    resolved = str(Path(path).expanduser().resolve())
+    return "_forge_recipe_" + hashlib.sha256(resolved.encode()).hexdigest()[:12]
+
+
+def stage_recipe_file(path: str | Path, into: str | Path) -> str:
+    """Copy a recipe file into ``into/<shipped_package_name>/``; returns that folder.
+
+    The folder is a package for the runtime env's ``py_modules``: Ray uploads it once and puts
+    it on ``sys.path`` of every process of the job (or of the Train workers).
+    """
+    import shutil
+
+    source = Path(path).expanduser().resolve()
+    package = Path(into) / shipped_package_name(source)
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text("# a forge recipe file, shipped to the cluster\n")
+    shutil.copy2(source, package / source.name)
+    return str(package)
+
+
+def _shipped_copy(path: Path) -> Path | None:
+    """The copy of recipe file ``path`` that a runtime env put on ``sys.path``, if any."""
+    try:
+        found = importlib.util.find_spec(shipped_package_name(path))
+    except (ImportError, ValueError):
+        return None
+    if found is None or not found.submodule_search_locations:
+        return None
+    copy = Path(next(iter(found.submodule_search_locations))) / path.name
+    return copy if copy.is_file() else None

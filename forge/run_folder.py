@@ -116,8 +116,12 @@ def write_provenance(
     git_sha: str | None,
     git_dirty: bool | None,
     options: storage.StorageOptions | None = None,
+    data_fingerprint: dict[str, Any] | None = None,
 ) -> None:
-    """Write config.yaml, overrides.txt and run.json into the run folder (local or remote)."""
+    """Write config.yaml, overrides.txt and run.json into the run folder (local or remote).
+
+    ``data_fingerprint`` (:mod:`forge.data.fingerprint`) goes into run.json as ``data``.
+    """
     storage.write_bytes(
         storage.join(run_uri, "config.yaml"),
         OmegaConf.to_yaml(OmegaConf.create(config)).encode(),
@@ -135,7 +139,32 @@ def write_provenance(
         "seed": seed,
         "world_size": world_size,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "data": data_fingerprint,
     }
     storage.write_bytes(
         storage.join(run_uri, "run.json"), json.dumps(info, indent=1).encode(), options
     )
+
+
+def record_placement(
+    run_uri: str,
+    ranks: Sequence[dict[str, Any]],
+    options: storage.StorageOptions | None = None,
+) -> None:
+    """Add where each rank runs (node id, IP, host) to ``run.json``; rank 0 calls it.
+
+    Written again after a worker-group restart, which may place ranks elsewhere
+    (``placements`` keeps every attempt, ``ranks`` the latest).
+    """
+    uri = storage.join(run_uri, "run.json")
+    try:
+        info = json.loads(storage.read_bytes(uri, options))
+    except Exception:  # no run.json (a run without provenance): start one
+        info = {}
+    ranks = sorted(ranks, key=lambda r: r["rank"])
+    info["ranks"] = ranks
+    info["nodes"] = len({r["node_id"] for r in ranks})
+    info.setdefault("placements", []).append(
+        {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "ranks": ranks}
+    )
+    storage.write_bytes(uri, json.dumps(info, indent=1).encode(), options)

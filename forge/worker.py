@@ -74,6 +74,7 @@ def train_fn(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
     forge_log = logging.getLogger("forge")
     forge_log.addHandler(_ForwardWarnings(send))
+    _record_placement(spec, plan, ctx)
     if spec.recipe.kind == "lightning":
         from forge.lightning_runner import run_lightning
 
@@ -85,3 +86,28 @@ def train_fn(config: dict[str, Any]) -> None:
     # The summary travels on the progress channel: Ray Train V2 keeps metrics only with
     # checkpoints it uploads itself, and forge's checkpoints never go through Ray.
     send({"event": "summary", **summary})
+
+
+def _record_placement(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> None:
+    """Rank 0 writes which node each rank runs on into run.json (a collective: all ranks)."""
+    import socket
+
+    import ray
+
+    from forge.checkpoint.storage import StorageOptions
+    from forge.run_folder import record_placement
+
+    here = {
+        "rank": ctx.rank,
+        "local_rank": ctx.local_rank,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "host": socket.gethostname(),
+        "device": str(ctx.device),
+    }
+    ranks = ctx.gather(here)
+    if ctx.rank == 0 and ranks is not None:
+        try:
+            record_placement(plan.run_uri, ranks, StorageOptions.from_spec(spec.storage))
+        except Exception as exc:  # provenance must never stop training
+            logging.getLogger("forge").warning("could not record placement in run.json: %s", exc)

@@ -40,6 +40,26 @@ def ray_cluster() -> Iterator[str]:
         cluster.shutdown()
 
 
+@pytest.fixture(scope="session")
+def job_server(ray_cluster: str) -> Iterator:
+    """A job server for ``ray_cluster`` (``.url``, ``.token``), with token auth.
+
+    Ray's own job server runs in the dashboard, which needs ``ray[default]``; where that is
+    installed, ``ray start --include-dashboard`` would serve it. Here it is not, so a stand-in
+    that speaks the same HTTP API to the real JobSubmissionClient runs the jobs the way Ray's
+    job supervisor does (see tests/job_server.py).
+    """
+    import secrets
+
+    from job_server import FakeJobServer
+
+    server = FakeJobServer(ray_cluster, token=secrets.token_hex(16))
+    try:
+        yield server
+    finally:
+        server.close()
+
+
 @pytest.fixture()
 def one_torch_thread() -> Iterator[None]:
     """One intra-op torch thread for the test: with two test processes on two cores, more

@@ -54,6 +54,7 @@ class Manifest:
     git_sha: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)  # loop position: epoch, batch, ...
+    data_fingerprint: dict[str, Any] | None = None  # forge.data: which data trained it
     created_at: float = field(default_factory=time.time)
     format: str = FORMAT
 

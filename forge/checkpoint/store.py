@@ -244,6 +244,7 @@ class CheckpointStore:
         state: dict[str, Any] | None = None,
         config_hash: str = "",
         git_sha: str | None = None,
+        data_fingerprint: dict[str, Any] | None = None,
     ) -> CommittedCheckpoint:
         """On rank 0, once every rank's files have landed: manifest, pointer, retention."""
         merged: dict[str, FileEntry] = {}
@@ -263,6 +264,7 @@ class CheckpointStore:
             git_sha=git_sha,
             metrics=dict(metrics or {}),
             state=dict(state or {}),
+            data_fingerprint=data_fingerprint,
         )
         uri = self.step_uri(step)
         storage.write_bytes(storage.join(uri, MANIFEST), manifest.to_json(), self.options)
@@ -286,6 +288,7 @@ class CheckpointStore:
         state: dict[str, Any] | None = None,
         config_hash: str = "",
         git_sha: str | None = None,
+        data_fingerprint: dict[str, Any] | None = None,
     ) -> CommittedCheckpoint | None:
         """Write this rank's ``files``, then commit on rank 0. Call on every rank.
 
@@ -305,6 +308,7 @@ class CheckpointStore:
             state=state,
             config_hash=config_hash,
             git_sha=git_sha,
+            data_fingerprint=data_fingerprint,
         )
 
     def apply_retention(self) -> list[str]:

@@ -34,6 +34,68 @@ class DataSpec(Spec):
     shuffle: bool = True
     drop_last: bool = True
     pin_memory: bool = False
+    # File sources (forge.data): read with Ray Data, sharded over workers by Ray Train.
+    source: str | None = Field(
+        None,
+        description="Parquet/CSV file, folder or glob, local or s3:// (S3 options from "
+        "storage.*); null: the recipe's own data",
+    )
+    format: Literal["parquet", "csv"] | None = Field(
+        None, description="file format; null: from the file extension"
+    )
+    columns: list[str] | None = Field(
+        None, description="feature columns; null: every column but the label"
+    )
+    label: str | None = Field(None, description="label column of data.source")
+    val_source: str | None = Field(None, description="validation files (like data.source)")
+    val_fraction: float = Field(
+        0.0, ge=0, lt=1, description="share of data.source held out (seeded hash split)"
+    )
+    split_key: str | None = Field(
+        None, description="column hashed for the val split; null: the whole row's values"
+    )
+    split_seed: int = Field(0, description="seed of the val split's hash")
+    contract: str | dict[str, Any] | None = Field(
+        None, description="data contract: inline, or a YAML file (local or s3://)"
+    )
+    on_violation: Literal["fail", "warn", "drop"] = Field(
+        "fail", description="contract violations: fail (exit 2), warn, or drop failing rows"
+    )
+    check_max_rows: PositiveInt | None = Field(
+        None,
+        description="check the contract on the first N rows only (very large data); null: all rows",
+    )
+    shuffle_buffer_rows: PositiveInt = Field(
+        10_000, description="per-worker shuffle buffer of a file source (rows)"
+    )
+
+    @model_validator(mode="after")
+    def _file_source_keys(self) -> DataSpec:
+        if self.source is None:
+            for key in ("format", "columns", "label", "val_source", "split_key", "contract"):
+                if getattr(self, key) is not None:
+                    raise ValueError(
+                        f"data.{key} applies to a file source, but data.source is null (the "
+                        f"recipe's own data). Set data.source=<file, folder or glob>, or "
+                        f"remove data.{key}"
+                    )
+            if self.val_fraction:
+                raise ValueError(
+                    "data.val_fraction applies to a file source, but data.source is null. "
+                    "Set data.source, or use the recipe's own val setting (recipe.params)"
+                )
+        if self.val_source is not None and self.val_fraction:
+            raise ValueError(
+                f"data.val_source={self.val_source!r} and data.val_fraction={self.val_fraction}"
+                " both choose validation data. Keep one (data.val_fraction=0 or "
+                "data.val_source=null)"
+            )
+        if self.label is not None and self.columns and self.label in self.columns:
+            raise ValueError(
+                f"data.label={self.label!r} is also in data.columns (the features). Remove it "
+                "from data.columns"
+            )
+        return self
 
 
 class OptimSpec(Spec):
@@ -183,6 +245,11 @@ class ScalingSpec(Spec):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker")
     gpus_per_worker: float = Field(1, gt=0, description="GPUs per worker when use_gpu=true")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="how Ray places the workers' bundles on nodes: PACK fills few nodes (fast "
+        "NCCL/gloo within a node), SPREAD spreads them out, STRICT_SPREAD one worker per node",
+    )
 
     @property
     def backend(self) -> str:
@@ -256,6 +323,11 @@ class StorageSpec(Spec):
     break_lock: bool = Field(False, description="take over the run folder's lock")
     lock_stale_after_s: float = Field(
         300, gt=0, description="resume=auto takes over a lock without heartbeat this long"
+    )
+    shared: bool = Field(
+        False,
+        description="a local storage.uri is a file system every node mounts at the same path "
+        "(NFS, Lustre); without it a local path is refused on a multi-node cluster",
     )
 
     @model_validator(mode="before")
@@ -407,3 +479,5 @@ class LaunchPlan(Spec):
     config_hash: str
     git_sha: str | None = None
     launch_time: float
+    data_fingerprint: dict[str, Any] | None = None  # forge.data: recorded in every manifest
+    data_table: Any = None  # forge.data.TableInfo of a file source (None: the recipe's data)

@@ -163,7 +163,7 @@ def load_source(
         "kind": config["recipe"].get("kind", "loop"),
         "params": dict(config["recipe"].get("params") or {}),
     }
-    build_fresh, spec = recipe_builders(recipe)
+    build_fresh, spec = recipe_builders(recipe, _file_table(config, options))
     model = build_fresh()
     state = consolidate(ckpt.uri, options)
     load_weights(model, state, ckpt.uri)
@@ -180,8 +180,24 @@ def load_source(
     )
 
 
-def recipe_builders(recipe: dict[str, Any]) -> tuple[Callable[[], Any], ExportSpec]:
-    """``(build a fresh fp32 eval model, the export spec)`` for a recipe given as data.
+def _file_table(config: dict[str, Any], options: StorageOptions | None) -> Any:
+    """The run's checked file source (forge.data's TableInfo) when it trained on
+    ``data.source``, else None: the recipe's model shape depends on it (feature width,
+    classes). The driver's data pass is repeated on the run's saved config."""
+    if not (config.get("data") or {}).get("source"):
+        return None
+    from forge.config.validate import to_run_spec
+    from forge.data.prepare import prepare_files
+
+    spec = to_run_spec(config)
+    return prepare_files(spec.data, options or StorageOptions(), check_batches=False).table
+
+
+def recipe_builders(
+    recipe: dict[str, Any], table: Any = None
+) -> tuple[Callable[[], Any], ExportSpec]:
+    """``(build a fresh fp32 eval model, the export spec)`` for a recipe given as data;
+    ``table``: the file source a run trained on (``build(params, data=table)``).
 
     Raises:
         ConfigError: The recipe has no export input spec; the message names what is missing.
@@ -203,7 +219,7 @@ def recipe_builders(recipe: dict[str, Any]) -> tuple[Callable[[], Any], ExportSp
             return mod.build_lightning(params)[0].float().eval()
 
     else:
-        built = mod.build(params)
+        built = mod.build(params) if table is None else mod.build(params, data=table)
         if not isinstance(built, Recipe):
             raise ConfigError(f"{module}.build() returned {type(built).__name__}, not a Recipe.")
         if built.export is None:
@@ -219,7 +235,10 @@ def recipe_builders(recipe: dict[str, Any]) -> tuple[Callable[[], Any], ExportSp
 
         def build() -> Any:
             # The first call reuses the model build() made; later ones build afresh.
-            model = first.pop() if first else mod.build(params).build_model()
+            if first:
+                return first.pop().float().eval()
+            fresh = mod.build(params) if table is None else mod.build(params, data=table)
+            model = fresh.build_model()
             return model.float().eval()
 
     check_spec(spec, module)

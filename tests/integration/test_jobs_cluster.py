@@ -1,0 +1,184 @@
+"""forge submit / forge jobs against a job server and the 2-node local Ray cluster.
+
+The jobs run ``python -m forge ... ray.address=auto`` as real processes that join the session's
+2-node cluster; run folders go to the moto S3 server. The job server is the stand-in of
+tests/job_server.py (Ray's needs ``ray[default]``), driven by the real JobSubmissionClient.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from forge import jobs
+from forge.errors import ConfigError
+from forge.jobs_cli import jobs_main, submit_main
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3]
+
+FAST = [
+    "trainer.log_every_n_steps=5",
+    "data.batch_size=16",
+    "trainer.val_every_n_steps=5",
+]
+
+
+@pytest.fixture()
+def cluster_client(job_server, monkeypatch) -> str:
+    """The client's environment: the job server's address and the cluster's token."""
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", job_server.url)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", job_server.token)
+    return job_server.url
+
+
+def s3_run(s3_server: str, bucket: str, *extra: str) -> list[str]:
+    return [
+        "storage=s3",
+        f"storage.uri={bucket}/runs",
+        f"storage.endpoint_url={s3_server}",
+        *FAST,
+        *extra,
+    ]
+
+
+def committed_steps(s3_client, bucket: str, run: str) -> list[int]:
+    name = bucket.removeprefix("s3://")
+    keys = [
+        o["Key"]
+        for o in s3_client.list_objects_v2(Bucket=name, Prefix=f"runs/{run}/checkpoints/").get(
+            "Contents", []
+        )
+    ]
+    return sorted(
+        int(k.split("/")[3].removeprefix("step_")) for k in keys if k.endswith("/manifest.json")
+    )
+
+
+def test_submit_digits_spread_over_two_nodes_to_s3(
+    cluster_client, job_server, s3_server, s3_bucket, s3_client, capsys
+) -> None:
+    """The key end-to-end path: validate here, upload, run on 2 nodes, follow, exit 0."""
+    code = submit_main(
+        [
+            "--follow",
+            *s3_run(
+                s3_server,
+                s3_bucket,
+                "experiment=digits",
+                "scaling.num_workers=2",
+                "scaling.placement_strategy=SPREAD",
+                "trainer.max_steps=10",
+                "checkpoint.every_n_steps=5",
+                "run_name=spread",
+            ),
+        ]
+    )
+    out = capsys.readouterr()
+    assert code == 0, out.out[-3000:] + out.err
+    assert "SUCCEEDED" in out.err
+    assert "step" in out.out  # the job's own progress reached this console
+    bucket = s3_bucket.removeprefix("s3://")
+    run = json.loads(s3_client.get_object(Bucket=bucket, Key="runs/spread/run.json")["Body"].read())
+    assert [r["rank"] for r in run["ranks"]] == [0, 1]
+    assert len({r["node_id"] for r in run["ranks"]}) == 2, run["ranks"]  # one per node
+    assert committed_steps(s3_client, s3_bucket, "spread") == [5, 10]
+    # What travelled: the project without run folders, virtualenvs or .git (well under 5 MiB).
+    (size,) = job_server.packages_uploaded.values()
+    assert size < 5 * 2**20
+
+
+def test_bad_config_never_reaches_the_cluster(cluster_client, job_server, capsys) -> None:
+    before = len(job_server.jobs), len(job_server.packages_uploaded)
+    with pytest.raises(ConfigError, match="max_steps"):
+        submit_main(["trainer.max_step=5"])
+    assert (len(job_server.jobs), len(job_server.packages_uploaded)) == before
+
+
+@pytest.mark.slow
+def test_config_error_seen_only_on_the_cluster_exits_2(
+    cluster_client, s3_server, s3_bucket, capsys
+) -> None:
+    # Valid here; the cluster has no GPUs, which only the cluster can tell.
+    code = submit_main(["--follow", *s3_run(s3_server, s3_bucket, "scaling=gpu", "run_name=gpus")])
+    out = capsys.readouterr()
+    assert code == 2
+    assert "no GPUs" in out.out and "configuration error" in out.err
+
+
+@pytest.mark.slow
+def test_resubmitting_a_running_run_attaches(cluster_client, s3_server, s3_bucket) -> None:
+    args = s3_run(s3_server, s3_bucket, "trainer.max_steps=400", "run_name=twice")
+    first = jobs.submit(args)
+    try:
+        second = jobs.submit(args)
+        assert second.attached and second.id == first.id
+    finally:
+        first.stop()
+        first.wait(timeout_s=120)
+
+
+@pytest.mark.slow
+def test_stop_keeps_committed_checkpoints_and_resume_continues(
+    cluster_client, s3_server, s3_bucket, s3_client, capsys
+) -> None:
+    args = s3_run(s3_server, s3_bucket, "checkpoint.every_n_steps=20", "run_name=stopped")
+    job = jobs.submit([*args, "trainer.max_steps=100000"])
+    deadline = time.time() + 240
+    while not committed_steps(s3_client, s3_bucket, "stopped"):
+        assert time.time() < deadline and job.status() == "RUNNING", job.logs()[-3000:]
+        time.sleep(2)
+    assert jobs_main(["stop", job.id]) == 0
+    assert job.status() == "STOPPED"
+    at_stop = committed_steps(s3_client, s3_bucket, "stopped")
+    assert at_stop and all(s % 20 == 0 for s in at_stop)
+    # Wait until nothing commits any more (see the xfail below), then continue the run.
+    steps, deadline = at_stop, time.time() + 90
+    while True:
+        time.sleep(10)
+        now = committed_steps(s3_client, s3_bucket, "stopped")
+        if now == steps or time.time() > deadline:
+            break
+        steps = now
+    assert now == steps, "workers still commit checkpoints 90 s after the job stopped"
+    final = max(steps) + 10
+    again = jobs.submit([*args, f"trainer.max_steps={final}", "resume=auto"])
+    assert again.id == f"{job.id}-r1"
+    assert again.follow() == 0, again.logs()[-3000:]
+    assert max(committed_steps(s3_client, s3_bucket, "stopped")) == final
+    # Only committed checkpoints remain: the upload the stop interrupted was cleaned up.
+    name = s3_bucket.removeprefix("s3://")
+    listing = s3_client.list_objects_v2(Bucket=name, Prefix="runs/stopped/checkpoints/step_")
+    folders = {o["Key"].split("/")[3] for o in listing.get("Contents", [])}
+    assert folders == {f"step_{s:08d}" for s in committed_steps(s3_client, s3_bucket, "stopped")}
+    if steps != at_stop:
+        # Known gap: the Train workers outlive the stopped driver by seconds (until Ray
+        # reaps the job's actors) and commit a few more checkpoints (seen: 100 -> 160).
+        pytest.xfail(f"checkpoints {at_stop} at STOPPED, then {steps}: workers outlive the stop")
+
+
+@pytest.mark.slow
+def test_recipe_file_outside_the_project_trains_on_the_cluster(
+    cluster_client, s3_server, s3_bucket, tmp_path
+) -> None:
+    source = Path(__file__).resolve().parents[2] / "recipes" / "digits.py"
+    recipe = tmp_path / "outside" / "my_digits.py"
+    recipe.parent.mkdir()
+    recipe.write_text(source.read_text())
+    job = jobs.submit(
+        s3_run(
+            s3_server,
+            s3_bucket,
+            f"recipe.module={recipe}",
+            "recipe.name=mine",
+            "scaling.num_workers=2",
+            "scaling.placement_strategy=SPREAD",
+            "trainer.max_steps=5",
+            "run_name=outside",
+        )
+    )
+    recipe.unlink()  # from here on only the runtime env has it
+    assert job.follow() == 0, job.logs()[-3000:]
+    assert "ModuleNotFoundError" not in job.logs()
