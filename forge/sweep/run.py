@@ -171,24 +171,27 @@ def make_scheduler(plan: SweepPlan, concurrent: int) -> tuple[Any, Any]:
 
     s = plan.sweep
     max_t = plan.base.trainer.max_steps or 10**9
-    asha = ASHAScheduler(
-        time_attr="step",
-        max_t=max_t,
-        grace_period=s.grace_period,
-        reduction_factor=s.reduction_factor,
-    )
+
+    def asha() -> ASHAScheduler:  # built only when used (it checks grace_period <= max_t)
+        return ASHAScheduler(
+            time_attr="step",
+            max_t=max_t,
+            grace_period=s.grace_period,
+            reduction_factor=s.reduction_factor,
+        )
+
     # Tune applies max_concurrent_trials only to a Searcher; the variant generator takes it.
     variants = BasicVariantGenerator(random_state=s.seed, max_concurrent=concurrent)
     if s.scheduler == "basic":
         return FIFOScheduler(), variants
     if s.scheduler == "asha":
-        return asha, variants
+        return asha(), variants
     if s.scheduler == "optuna":
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
         searcher = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=s.seed))
-        return (asha if s.asha else FIFOScheduler()), searcher
+        return (asha() if s.asha else FIFOScheduler()), searcher
     mutations = {d.name: d.to_tune(as_grid=False) for d in plan.parsed.dims}
     pbt = PopulationBasedTraining(
         time_attr="step",

@@ -86,7 +86,9 @@ def plan_sweep(overrides: Sequence[str], config_dir: str | None = None) -> Sweep
     over keys that can change within a run, no fractional GPUs with more than one worker.
 
     Example:
-        >>> p = plan_sweep(["sweep=asha", "trainer.max_steps=20", "seed=0,1"])
+        >>> p = plan_sweep(
+        ...     ["sweep=asha", "sweep.grace_period=10", "trainer.max_steps=20", "seed=0,1"]
+        ... )
         >>> p.metric, p.mode, p.num_trials, p.sweep.scheduler
         ('val/loss', 'min', 2, 'asha')
     """
@@ -123,6 +125,14 @@ def plan_sweep(overrides: Sequence[str], config_dir: str | None = None) -> Sweep
                 continue
             problems += check_point(spec, sweep, parsed)
     problems += check_point(base, sweep, parsed)
+    uses_asha = sweep.scheduler == "asha" or (sweep.scheduler == "optuna" and sweep.asha)
+    max_steps = base.trainer.max_steps
+    if uses_asha and max_steps is not None and sweep.grace_period > max_steps:
+        problems.append(
+            f"sweep.grace_period={sweep.grace_period} is more than trainer.max_steps="
+            f"{max_steps}: ASHA could never stop a trial. Set sweep.grace_period to at most "
+            f"{max_steps} (a multiple of trainer.val_every_n_steps)."
+        )
     if problems:
         raise ConfigError("\n".join(dict.fromkeys(problems)))  # each message once, in order
 

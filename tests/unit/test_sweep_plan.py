@@ -26,7 +26,9 @@ def refused(overrides: list[str]) -> str:
 
 
 def test_plan_defaults():
-    p = plan_sweep([*SMALL, "sweep=asha", "seed=0,1", "optim.lr=tag(log,interval(1e-3,1e-1))"])
+    p = plan_sweep(
+        [*SMALL, "sweep=asha", "sweep.grace_period=10", "seed=0,1", "optim.lr=choice(0.01,0.1)"]
+    )
     assert (p.metric, p.mode, p.num_trials, p.sweep.scheduler) == ("val/loss", "min", 2, "asha")
     assert p.reported == ("val/accuracy", "val/loss")
     assert p.uri.endswith("/" + p.name) and p.name.startswith("digits-sweep-")
@@ -92,6 +94,11 @@ def test_fractional_gpus_with_many_workers_refused():
     plan_sweep(
         [*SMALL, "scaling.use_gpu=true", "scaling.gpus_per_worker=0.5", "seed=0,1"]
     )  # one worker per trial may share a GPU
+
+
+def test_asha_grace_period_beyond_max_steps_refused():
+    assert "sweep.grace_period=100" in refused(["sweep=asha", "seed=0,1"])
+    plan_sweep([*SMALL, "sweep=pbt", "optim.lr=0.1,0.2"])  # PBT has no grace period
 
 
 def test_unknown_sweep_key_refused():
