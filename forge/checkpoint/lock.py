@@ -29,6 +29,7 @@ from typing import Any
 
 from forge.checkpoint import storage
 from forge.checkpoint.storage import StorageOptions
+from forge.config.specs import LOCK_HEARTBEAT_S
 from forge.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class RunLock:
         stale_after_s: float = 300.0,
         take_over_stale: bool = False,
         break_lock: bool = False,
-        heartbeat_s: float | None = 30.0,
+        heartbeat_s: float | None = LOCK_HEARTBEAT_S,
         description: str = "",
     ) -> RunLock:
         """Take the lock of ``run_uri`` or raise ConfigError naming the run that holds it.

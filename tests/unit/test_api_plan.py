@@ -19,7 +19,7 @@ from forge.checkpoint.store import CheckpointStore
 from forge.config.compose import compose
 from forge.config.specs import RunSpec
 from forge.config.validate import to_run_spec
-from forge.errors import CheckpointError, ConfigError
+from forge.errors import ConfigError
 from forge.run_folder import config_hash, redacted_config, write_provenance
 
 # 2024-01-02 03:04:05 UTC
