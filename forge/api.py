@@ -113,7 +113,7 @@ def train(
     secrets = env_secrets(config)
     console = console or make_console()
     try:
-        return _train(config, overrides, console, launch_time)
+        return _train(config, overrides, console, launch_time, secrets)
     except ForgeError as exc:
         if not secrets:
             raise
@@ -121,7 +121,11 @@ def train(
 
 
 def _train(
-    config: DictConfig, overrides: list[str], console: Console, launch_time: float
+    config: DictConfig,
+    overrides: list[str],
+    console: Console,
+    launch_time: float,
+    secrets: Sequence[str] = (),
 ) -> RunResult:
     from forge.cluster import check_resources, ray_session
     from forge.launch import launch
@@ -169,8 +173,12 @@ def _train(
             f"{spec.strategy.name} over {spec.scaling.backend}, run folder {plan.run_uri}"
         )
         progress = ConsoleProgress(console)
+
+        def show(event: dict[str, Any]) -> None:  # workers' warnings may quote a secret
+            progress({k: scrub(v, secrets) if isinstance(v, str) else v for k, v in event.items()})
+
         try:
-            summary = launch(spec, plan, progress)
+            summary = launch(spec, plan, show if secrets else progress)
         finally:
             progress.close()
     result = RunResult(

@@ -75,3 +75,49 @@ def test_gives_up_after_max_failures(ray_cluster, tmp_path, quiet_console):
     assert "gave up after 1 restart(s) (trainer.max_failures=1)" in message
     assert "Traceback" not in message
     assert "restart 1 of 1" in quiet_console.file.getvalue()
+
+
+@pytest.mark.slow  # ~40 s: a driver process that trains until it is killed
+def test_workers_of_a_killed_driver_commit_nothing_after(ray_cluster, tmp_path):
+    """The bug: after the driver was SIGKILLed its workers trained on and committed a
+    checkpoint 1.5 s later, while a new run might already hold the lock. Now rank 0 checks the
+    lock's holder (the driver's pid, on this host) before each manifest."""
+    import signal
+    import time
+
+    run = tmp_path / "r"
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "forge",
+            f"ray.address={ray_cluster}",
+            f"storage.uri={tmp_path}",
+            "run_name=r",
+            "trainer.max_steps=100000",
+            "checkpoint.every_n_steps=5",
+            "checkpoint.keep_last=1000",
+            "trainer.val_every_n_steps=0",
+            "data.batch_size=16",
+        ],
+        env={**os.environ, "PYTHONPATH": REPO},
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 180
+        while len(list(run.glob("checkpoints/*/manifest.json"))) < 3:
+            assert time.time() < deadline and driver.poll() is None, "no commits in time"
+            time.sleep(0.1)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        killed_at = time.time()
+        driver.wait()
+    time.sleep(15)  # the workers live on until Ray tears the dead driver's job down
+    late = [
+        p.parent.name
+        for p in run.glob("checkpoints/*/manifest.json")
+        if p.stat().st_mtime > killed_at + 0.5  # one commit past its check may still land
+    ]
+    assert late == []

@@ -326,6 +326,7 @@ def test_worker_errors_and_console_lines_never_show_a_secret(tmp_path, fake_ray,
     monkeypatch.setenv("MY_SECRET", SECRET)
 
     def leaky_launch(spec, plan, on_progress):
+        on_progress({"event": "warning", "message": f"key {spec.recipe.params['api_key']}"})
         raise TrainingError(f"worker failed with key {spec.recipe.params['api_key']}")
 
     monkeypatch.setattr(forge.launch, "launch", leaky_launch)
@@ -338,7 +339,7 @@ def test_worker_errors_and_console_lines_never_show_a_secret(tmp_path, fake_ray,
     with pytest.raises(TrainingError) as info:
         forge.train(args, console=out)
     assert SECRET not in str(info.value) and "<redacted" in str(info.value)
-    assert SECRET not in out.file.getvalue()
+    assert SECRET not in out.file.getvalue() and "warning: key <redacted" in out.file.getvalue()
 
 
 # --------------------------------------------------------------------------------------------
