@@ -55,6 +55,8 @@ class WorkerContext:
             also a barrier.
         on_progress: Called on rank 0 with progress events for the driver's console.
         report: Called on every rank with metrics for Ray (end of run, validations).
+        driver_alive: Optional ``() -> bool``: whether the driver still runs (a Ray-side
+            signal); checked, with the run lock, before each commit.
     """
 
     rank: int = 0
@@ -65,6 +67,7 @@ class WorkerContext:
     gather: Callable[[Any], list[Any] | None] = lambda obj: [obj]
     on_progress: Callable[[dict[str, Any]], None] = lambda event: None
     report: Callable[[dict[str, Any]], None] = lambda metrics: None
+    driver_alive: Callable[[], bool] | None = None
 
 
 @dataclass
@@ -172,6 +175,7 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
         ck.mode,
         keep_best=ck.keep_best,
         options=StorageOptions.from_spec(spec.storage),
+        fence=commit_fence_for(spec, plan, ctx),
     )
     if is_main:  # before anyone writes: leftovers of a crashed attempt (the driver holds the lock)
         store.clean_uncommitted()
@@ -475,6 +479,24 @@ def rng_state() -> dict[str, torch.Tensor]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["torch_cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+def commit_fence_for(
+    spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext
+) -> Callable[[], None] | None:
+    """The check rank 0 runs before each commit: this run still holds its lock, and its
+    driver is alive (:func:`forge.checkpoint.lock.commit_fence`); None when not fenced."""
+    if plan.lock_token is None:
+        return None
+    from forge.checkpoint.lock import commit_fence
+
+    return commit_fence(
+        plan.run_uri,
+        plan.lock_token,
+        options=StorageOptions.from_spec(spec.storage),
+        stale_after_s=spec.storage.lock_stale_after_s,
+        driver_alive=ctx.driver_alive,
+    )
 
 
 def make_streamer(

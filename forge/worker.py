@@ -57,6 +57,22 @@ def train_fn(config: dict[str, Any]) -> None:
         dist.gather_object(obj, out, dst=0)
         return out
 
+    def driver_alive() -> bool:
+        # The progress queue is an actor the driver owns: Ray kills it when the driver dies,
+        # on any node, so a worker of a dead driver finds out before its next commit.
+        if queue is None:
+            return True
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        try:
+            ray.get(queue.actor.qsize.remote(), timeout=10)
+        except RayActorError:
+            return False
+        except (GetTimeoutError, Exception):  # busy or unsure: the lock check still runs
+            return True
+        return True
+
     ctx = WorkerContext(
         rank=rank,
         local_rank=context.get_local_rank(),
@@ -65,6 +81,7 @@ def train_fn(config: dict[str, Any]) -> None:
         all_reduce_sum=all_reduce_sum,
         gather=gather,
         on_progress=send,
+        driver_alive=driver_alive,
     )
     if ctx.device.type == "cuda":
         torch.cuda.set_device(ctx.device)
