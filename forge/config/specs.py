@@ -61,7 +61,7 @@ class DataSpec(Spec):
     split_key: str | None = Field(
         None, description="column hashed for the val split; null: the whole row's values"
     )
-    split_seed: int = Field(0, description="seed of the val split's hash")
+    split_seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the val split's hash")
     contract: str | dict[str, Any] | None = Field(
         None, description="data contract: inline, or a YAML file (local or s3://)"
     )

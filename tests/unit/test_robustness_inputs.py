@@ -62,6 +62,7 @@ def fake_ray(monkeypatch: pytest.MonkeyPatch) -> list:
 
     monkeypatch.setattr(forge.cluster, "ray_session", session)
     monkeypatch.setattr(forge.cluster, "check_resources", lambda scaling: None)
+    monkeypatch.setattr(forge.cluster, "check_storage_shared", lambda storage: None)
     monkeypatch.setattr(forge.launch, "launch", launch)
     return launches
 
@@ -113,6 +114,7 @@ def test_a_run_under_an_odd_local_path_resumes(tmp_path: Path, fake_ray) -> None
     assert sorted(os.listdir(first.run_dir)) == [
         "checkpoints",
         "config.yaml",
+        "data_profile.json",
         "overrides.txt",
         "run.json",
     ]
