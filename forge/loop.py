@@ -36,6 +36,7 @@ from forge.precision import autocast
 from forge.recipe import Recipe, build_params, import_recipe_module
 from forge.strategies import make_strategy
 from forge.strategies.memory import memory_events, peak_event, peak_memory
+from forge.train_loss import AllReduceAsync, TrainLossWindow, all_reduce_now
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class WorkerContext:
             also a barrier.
         on_progress: Called on rank 0 with progress events for the driver's console.
         report: Called on every rank with metrics for Ray (end of run, validations).
+        all_reduce_sum_async: Starts ``all_reduce_sum`` without waiting and returns the
+            function that waits for it (None: the blocking ``all_reduce_sum``).
     """
 
     rank: int = 0
@@ -64,6 +67,7 @@ class WorkerContext:
     gather: Callable[[Any], list[Any] | None] = lambda obj: [obj]
     on_progress: Callable[[dict[str, Any]], None] = lambda event: None
     report: Callable[[dict[str, Any]], None] = lambda metrics: None
+    all_reduce_sum_async: AllReduceAsync | None = None
 
 
 @dataclass
@@ -192,7 +196,20 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
         )
 
     step_times: list[float] = []
-    loss_sum = torch.zeros(2, device=ctx.device)  # (sum of losses, count) since the last log
+    # The logged loss is reduced across ranks asynchronously and written one log step later
+    # (or at the next validation/checkpoint): reading it never stalls a step.
+    train_loss = TrainLossWindow(
+        ctx.device, ctx.all_reduce_sum_async or all_reduce_now(ctx.all_reduce_sum)
+    )
+
+    def log_train(done: tuple[int, dict[str, Any]] | None) -> None:
+        if done is None:
+            return
+        step, row = done
+        if metrics_writer is not None:
+            metrics_writer.log(step, row)
+        ctx.on_progress({"event": "log", "step": step, **row})
+
     last_val: dict[str, float] = {}
     last_ckpt_step = state.step if ckpt is not None else -1
     first_step_at: float | None = None
@@ -217,8 +234,7 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
                 with strategy.autocast(trainer.precision):
                     loss = recipe.loss_fn(model, batch)
                 strategy.backward(model, loss, trainer.accumulate_grad_batches)
-            loss_sum[0] += loss.detach().float()
-            loss_sum[1] += 1
+            train_loss.add(loss)
             if not sync_now:
                 continue
             strategy.optimizer_step(model, optimizer, trainer.gradient_clip_val)
@@ -232,36 +248,31 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
                 first_step_at = time.time()
 
             if state.step % trainer.log_every_n_steps == 0 or state.step == total_steps:
-                ctx.all_reduce_sum(loss_sum)
-                row = {
-                    "train/loss": (loss_sum[0] / loss_sum[1]).item(),
-                    "lr": scheduler.get_last_lr()[0],
-                    "epoch": state.epoch,
-                }
+                row = {"lr": scheduler.get_last_lr()[0], "epoch": state.epoch}
                 recent = step_times[-trainer.log_every_n_steps :]
                 step_s = sum(recent) / len(recent)
                 samples = spec.data.batch_size * trainer.accumulate_grad_batches * ctx.world_size
                 row["throughput/samples_per_s"] = samples / step_s
                 if recipe.tokens_per_sample:
                     row["throughput/tokens_per_s"] = samples * recipe.tokens_per_sample / step_s
-                loss_sum.zero_()
-                if metrics_writer is not None:
-                    metrics_writer.log(state.step, row)
-                ctx.on_progress({"event": "log", "step": state.step, **row})
+                log_train(train_loss.end_window(state.step, row))
 
             if trainer.val_every_n_steps and state.step % trainer.val_every_n_steps == 0:
+                log_train(train_loss.flush())  # rows stay in step order
                 last_val = evaluate()
                 if last_val and metrics_writer is not None:
                     metrics_writer.log(state.step, last_val)
                     ctx.on_progress({"event": "val", "step": state.step, **last_val})
             every = spec.checkpoint.every_n_steps
             if every and state.step % every == 0 and state.step < total_steps:
+                log_train(train_loss.flush())
                 save(last_val)
                 last_ckpt_step = state.step
             streamer.poll()  # commits finished uploads; one tiny all-reduce while any is pending
             if state.step >= total_steps:
                 break
 
+    log_train(train_loss.flush())
     validated_now = bool(trainer.val_every_n_steps) and state.step % trainer.val_every_n_steps == 0
     final_val = last_val if validated_now and last_val else evaluate()
     if final_val and metrics_writer is not None and not validated_now:

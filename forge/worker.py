@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from forge.config.specs import LaunchPlan, RunSpec
 from forge.loop import WorkerContext
+from forge.progress_sender import BatchedSender
 
 
 class _ForwardWarnings(logging.Handler):
@@ -39,16 +40,22 @@ def train_fn(config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     distributed = world_size > 1 and dist.is_initialized()
 
+    # Rank 0's events go in batches from a background thread: a queue put is a synchronous
+    # round trip to the queue actor that would otherwise stall training at every log step.
+    sender = BatchedSender(queue.put_nowait) if queue is not None and rank == 0 else None
+
     def send(event: dict[str, Any]) -> None:
-        if queue is not None and rank == 0:
-            try:
-                queue.put_nowait(event)
-            except Exception:  # a full or closed queue must never stop training
-                pass
+        if sender is not None:
+            sender(event)
 
     def all_reduce_sum(tensor: torch.Tensor) -> None:
         if distributed:
             dist.all_reduce(tensor)
+
+    def all_reduce_sum_async(tensor: torch.Tensor) -> Any:
+        if not distributed:
+            return lambda: None
+        return dist.all_reduce(tensor, async_op=True).wait
 
     def gather(obj: Any) -> list[Any] | None:
         if not distributed:
@@ -63,6 +70,7 @@ def train_fn(config: dict[str, Any]) -> None:
         world_size=world_size,
         device=ray.train.torch.get_device(),
         all_reduce_sum=all_reduce_sum,
+        all_reduce_sum_async=all_reduce_sum_async,
         gather=gather,
         on_progress=send,
     )
@@ -74,14 +82,18 @@ def train_fn(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
     forge_log = logging.getLogger("forge")
     forge_log.addHandler(_ForwardWarnings(send))
-    if spec.recipe.kind == "lightning":
-        from forge.lightning_runner import run_lightning
+    try:
+        if spec.recipe.kind == "lightning":
+            from forge.lightning_runner import run_lightning
 
-        summary = run_lightning(spec, plan, ctx)
-    else:
-        from forge.loop import run_loop
+            summary = run_lightning(spec, plan, ctx)
+        else:
+            from forge.loop import run_loop
 
-        summary = run_loop(spec, plan, ctx)
-    # The summary travels on the progress channel: Ray Train V2 keeps metrics only with
-    # checkpoints it uploads itself, and forge's checkpoints never go through Ray.
-    send({"event": "summary", **summary})
+            summary = run_loop(spec, plan, ctx)
+        # The summary travels on the progress channel: Ray Train V2 keeps metrics only with
+        # checkpoints it uploads itself, and forge's checkpoints never go through Ray.
+        send({"event": "summary", **summary})
+    finally:
+        if sender is not None:
+            sender.close()  # every event queued so far reaches the driver before this returns
