@@ -36,6 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 WARMUP_STEPS = 20
 TARGET_RATIO = 1.02
 TARGET_FIRST_STEP = 1.0
+GUARD_MAX_RATIO = 1.05
 
 
 def baseline_loop(config: dict) -> None:
@@ -183,15 +184,18 @@ def print_table(results: dict[str, list[dict[str, float]]], repeats: int) -> dic
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=None, help="default 300 (--guard: 150)")
     parser.add_argument("--batch-size", type=int, default=64, help="per worker")
-    parser.add_argument("--repeats", type=int, default=1, help="rounds, alternating order")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="rounds, alternating (default 1; --guard: 4)"
+    )
     parser.add_argument("--only", choices=["both", "baseline", "forge"], default="both")
     parser.add_argument(
         "--baseline-threads",
         type=int,
-        default=0,
-        help="torch intra-op threads in the baseline's workers; 0 keeps torch's default "
+        default=None,
+        help="torch intra-op threads in the baseline's workers (default 0; --guard: 1, equal to "
+        "forge's); 0 keeps torch's default "
         "(forge sets one per reserved CPU, so 1 isolates loop overhead from thread contention)",
     )
     parser.add_argument(
@@ -202,7 +206,27 @@ def main() -> int:
         help="also run forge with these comma-separated overrides, as its own column, e.g. "
         "--variant nolog=trainer.log_every_n_steps=100000 (repeatable)",
     )
+    parser.add_argument(
+        "--guard",
+        action="store_true",
+        help="regression guard (~3 min): 4 rounds of 150 steps at equal threads; exits 1 when "
+        "forge's per-step or time-to-first-step ratio exceeds --max-ratio",
+    )
+    parser.add_argument(
+        "--max-ratio",
+        type=float,
+        default=GUARD_MAX_RATIO,
+        help=f"--guard's limit for both ratios (default {GUARD_MAX_RATIO}: the targets plus "
+        "the noise of a short run on shared cores; rerun the full benchmark when it trips)",
+    )
     args = parser.parse_args()
+    guard_defaults = {"steps": 150, "repeats": 4, "baseline_threads": 1}
+    plain_defaults = {"steps": 300, "repeats": 1, "baseline_threads": 0}
+    for key, value in (guard_defaults if args.guard else plain_defaults).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.guard and args.only != "both":
+        parser.error("--guard compares forge with the baseline: drop --only")
     variants = dict(v.split("=", 1) for v in args.variant)
     if args.steps <= WARMUP_STEPS + 1:
         parser.error(f"--steps must exceed the {WARMUP_STEPS} warm-up steps")
@@ -248,8 +272,15 @@ def main() -> int:
                     flush=True,
                 )
     ray.shutdown()
-    print_table(results, args.repeats)
-    return 0
+    ratios = print_table(results, args.repeats)
+    if not args.guard:
+        return 0
+    over = {k: v for k, v in ratios.items() if k.startswith("forge:") and v > args.max_ratio}
+    for key, value in over.items():
+        print(f"GUARD FAILED: {key.removeprefix('forge:')} ratio {value:.3f} > {args.max_ratio}")
+    if not over:
+        print(f"guard passed: every forge / baseline ratio <= {args.max_ratio}")
+    return 1 if over else 0
 
 
 if __name__ == "__main__":
