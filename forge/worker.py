@@ -82,18 +82,16 @@ def train_fn(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
     forge_log = logging.getLogger("forge")
     forge_log.addHandler(_ForwardWarnings(send))
-    try:
-        if spec.recipe.kind == "lightning":
-            from forge.lightning_runner import run_lightning
+    if spec.recipe.kind == "lightning":
+        from forge.lightning_runner import run_lightning
 
-            summary = run_lightning(spec, plan, ctx)
-        else:
-            from forge.loop import run_loop
+        summary = run_lightning(spec, plan, ctx)
+    else:
+        from forge.loop import run_loop
 
-            summary = run_loop(spec, plan, ctx)
-        # The summary travels on the progress channel: Ray Train V2 keeps metrics only with
-        # checkpoints it uploads itself, and forge's checkpoints never go through Ray.
-        send({"event": "summary", **summary})
-    finally:
-        if sender is not None:
-            sender.close()  # every event queued so far reaches the driver before this returns
+        summary = run_loop(spec, plan, ctx)
+    # The summary travels on the progress channel: Ray Train V2 keeps metrics only with
+    # checkpoints it uploads itself, and forge's checkpoints never go through Ray.
+    send({"event": "summary", **summary})
+    if sender is not None:
+        sender.close()  # every event so far reaches the queue before fit() can return
