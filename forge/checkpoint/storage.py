@@ -117,23 +117,6 @@ def split_s3(uri: str) -> tuple[str, str]:
 _lock = threading.Lock()
 _clients: dict[tuple[Any, ...], Any] = {}
 
-#: Niceness of forge's storage threads (uploads, downloads, hashing, commits). They run beside
-#: training on the same cores; at equal priority they took ~20% of a CPU training step while a
-#: checkpoint uploaded (scripts/bench/checkpoint_stream.py). A waiting caller gets them at full
-#: speed whenever the cores are otherwise idle.
-BACKGROUND_NICENESS = 10
-
-
-def background_thread() -> None:
-    """``ThreadPoolExecutor`` initializer: lower this thread's CPU priority (Linux: per thread;
-    threads it starts inherit it). Elsewhere, or if refused, it does nothing."""
-    try:
-        tid = threading.get_native_id()
-        now = os.getpriority(os.PRIO_PROCESS, tid)
-        os.setpriority(os.PRIO_PROCESS, tid, max(now, BACKGROUND_NICENESS))
-    except (AttributeError, OSError):
-        pass
-
 
 def _client_key(kind: str, options: StorageOptions) -> tuple[Any, ...]:
     # Retry policy is per call, not per client: two policies share one connection pool.
@@ -190,11 +173,7 @@ def _boto3(options: StorageOptions) -> tuple[Any, ThreadPoolExecutor]:
                 region_name=options.region,
                 config=Config(**_botocore_config(options)),
             )
-            pool = ThreadPoolExecutor(
-                options.max_concurrency,
-                thread_name_prefix="forge-s3",
-                initializer=background_thread,
-            )
+            pool = ThreadPoolExecutor(options.max_concurrency, thread_name_prefix="forge-s3")
             found = _clients[key] = (client, pool)
         return found
 

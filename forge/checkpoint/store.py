@@ -28,7 +28,7 @@ from typing import Any
 
 from forge.checkpoint import storage
 from forge.checkpoint.manifest import MANIFEST, FileEntry, Manifest
-from forge.checkpoint.storage import StorageOptions, background_thread
+from forge.checkpoint.storage import StorageOptions
 from forge.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -417,9 +417,7 @@ def _hasher() -> ThreadPoolExecutor:
     global _hash_pool
     with _hash_pool_lock:
         if _hash_pool is None:
-            _hash_pool = ThreadPoolExecutor(
-                _FILE_CONCURRENCY, thread_name_prefix="forge-sha", initializer=background_thread
-            )
+            _hash_pool = ThreadPoolExecutor(_FILE_CONCURRENCY, thread_name_prefix="forge-sha")
         return _hash_pool
 
 

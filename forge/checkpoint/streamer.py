@@ -40,7 +40,7 @@ import torch
 from forge.checkpoint.manifest import FileEntry
 from forge.checkpoint.retry import RetryPolicy, describe
 from forge.checkpoint.staging import HostStaging, Lease
-from forge.checkpoint.storage import DEFAULT_OPTIONS, background_thread
+from forge.checkpoint.storage import DEFAULT_OPTIONS
 from forge.checkpoint.store import CheckpointStore, CommittedCheckpoint, GatherFn, Payload
 from forge.errors import CheckpointError
 
@@ -133,12 +133,8 @@ class CheckpointStreamer:
         self._cancel = threading.Event()
         self._staging = HostStaging()
         self._lease: Lease | None = None  # of the snapshot the next submit() takes
-        self._uploads = ThreadPoolExecutor(
-            self.max_in_flight, thread_name_prefix="forge-ckpt", initializer=background_thread
-        )
-        self._committer = ThreadPoolExecutor(
-            1, thread_name_prefix="forge-commit", initializer=background_thread
-        )
+        self._uploads = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="forge-ckpt")
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="forge-commit")
         self._closed = False
 
     # -- the training loop's side (main thread, every rank) -------------------------------------
