@@ -59,6 +59,10 @@ class TrainLossWindow:
         self._sum[0] += loss.detach().float()
         self._sum[1] += 1
 
+    def add_sums(self, sums: torch.Tensor) -> None:
+        """Add a ``(sum of losses, count)`` pair, e.g. one optimizer step's micro-batches."""
+        self._sum += sums
+
     def end_window(self, step: int, row: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
         """Close the window at log step ``step``: start its reduction (call on every rank).
 
