@@ -134,11 +134,13 @@ def _fit_once(spec: RunSpec, plan: LaunchPlan, on_progress: ProgressFn) -> dict[
     queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
     summary: dict[str, Any] = {}
 
-    def handle(event: dict[str, Any]) -> None:
-        if event.get("event") == "summary":
-            summary.update(event)
-        else:
-            on_progress(event)
+    def handle(item: dict[str, Any] | list[dict[str, Any]]) -> None:
+        # Rank 0 sends its events in batches (forge.progress_sender): one list per queue item.
+        for event in item if isinstance(item, list) else [item]:
+            if event.get("event") == "summary":
+                summary.update(event)
+            else:
+                on_progress(event)
 
     stop = threading.Event()
     pump = threading.Thread(target=_pump, args=(queue, handle, stop), daemon=True)
