@@ -54,8 +54,6 @@ def launch(spec: RunSpec, plan: LaunchPlan, on_progress: ProgressFn) -> dict[str
         datasets = make_datasets(plan.data_table, spec.seed, cpus)
         # Only "train" is split across workers; every worker evaluates all of "val".
         data_config = ray.train.DataConfig(datasets_to_split=["train"])
-        if cpus == 0:  # Ray Data's budget excludes training's CPUs; its tasks now need none
-            data_config.set_train_total_resources(0, 0)
     trainer = TorchTrainer(
         train_fn,
         datasets=datasets,
