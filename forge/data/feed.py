@@ -150,9 +150,22 @@ class FileFeed:
         # streaming_split(equal=True) gives each worker floor(rows / world_size) rows.
         self.rows_per_worker = table.train_rows // world_size
         self.batches_per_epoch = self.rows_per_worker // batch_size
+        self._current: Iterator[tuple[Any, Any]] | None = None
 
     def epoch(self, epoch: int) -> Iterator[tuple[Any, Any]]:
-        """This worker's batches of ``epoch``: exactly :attr:`batches_per_epoch` of them."""
+        """This worker's batches of ``epoch``: exactly :attr:`batches_per_epoch` of them.
+
+        The loop stops taking batches at the epoch's last full accumulation group; the rest of
+        the previous epoch is drained here first, because every worker's shard must finish an
+        epoch before Ray Data's split starts the next one.
+        """
+        if self._current is not None:
+            for _ in self._current:
+                pass
+        self._current = self._epoch(epoch)
+        return self._current
+
+    def _epoch(self, epoch: int) -> Iterator[tuple[Any, Any]]:
         seed = None
         if self.shuffle:
             seed = int(np.random.SeedSequence([self.seed, epoch, self.rank]).generate_state(1)[0])
@@ -165,8 +178,9 @@ class FileFeed:
         )
         n = 0
         for frame in batches:
-            yield self.table.encode(frame)
             n += 1
+            if n <= self.batches_per_epoch:
+                yield self.table.encode(frame)
         if n < self.batches_per_epoch:
             raise TrainingError(
                 f"worker {self.rank} got {n} batches of data.source in epoch {epoch}, expected "
