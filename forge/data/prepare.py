@@ -420,6 +420,8 @@ def prepare_recipe(spec: RunSpec) -> PreparedData:
         loader = datamodule.train_dataloader()
         return profile_dataset(loader.dataset, source, loader.collate_fn)
     recipe = mod.build(params)
+    if recipe.train_data is None:  # nothing in memory to describe
+        return PreparedData(memory_fingerprint(source, "", 0), {}, None, [])
     return profile_dataset(recipe.train_data, source, recipe.collate_fn)
 
 
