@@ -117,6 +117,20 @@ def test_fingerprint_changes_when_one_file_changes(loans) -> None:
     assert changed["files"][0] == first["files"][0] and changed["files"][1] != first["files"][1]
 
 
+def test_fingerprint_changes_when_a_file_changes_but_keeps_its_size(tmp_path) -> None:
+    write(str(tmp_path / "csv"), rows=300, shards=2, fmt="csv")
+    first = _prepare(source=str(tmp_path / "csv"), label="default").fingerprint
+    path = tmp_path / "csv" / "part-00001.csv"
+    text = path.read_text()
+    i = text.index("\n1") + 1  # an id that starts with 1 ...
+    path.write_text(text[:i] + "9" + text[i + 1 :])  # ... becomes 9: same size, new content
+    stat = os.stat(path)
+    os.utime(path, (stat.st_atime, stat.st_mtime + 5))  # coarse clocks: make the write visible
+    changed = _prepare(source=str(tmp_path / "csv"), label="default").fingerprint
+    assert [f["size"] for f in changed["files"]] == [f["size"] for f in first["files"]]
+    assert changed["sha256"] != first["sha256"]
+
+
 # -- split ---------------------------------------------------------------------------------
 
 
