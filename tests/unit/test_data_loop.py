@@ -128,3 +128,7 @@ def test_resume_inside_an_epoch_restarts_that_epoch_and_says_so(file_run, caplog
     assert first["batches"] == per_epoch and first["finished"]  # the whole epoch 1 again
     assert shards2["train"].epochs[0]["seed"] == shards["train"].epochs[1]["seed"]  # same shuffle
     assert CheckpointStore(plan.run_uri).latest().step == 30
+    # The training steps of the resumed run: epoch 1 runs a whole epoch again from step 13.
+    rows = [json.loads(x) for x in Path(plan.run_uri, "metrics.jsonl").read_text().splitlines()]
+    epoch_of = {r["step"]: r["epoch"] for r in rows if "epoch" in r and r["step"] > 12}
+    assert [s for s in sorted(epoch_of) if epoch_of[s] == 1] == list(range(13, 13 + per_epoch))
