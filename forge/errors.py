@@ -18,10 +18,12 @@ class ConfigError(ForgeError):
     """The configuration is wrong; raised before any worker starts.
 
     Example:
-        >>> raise ConfigError("trainer.max_steps: must be > 0. Set trainer.max_steps=100.")
+        >>> from forge.config.compose import compose
+        >>> from forge.config.validate import to_run_spec
+        >>> to_run_spec(compose(["trainer.max_steps=0"]))
         Traceback (most recent call last):
         ...
-        forge.errors.ConfigError: trainer.max_steps: must be > 0. Set trainer.max_steps=100.
+        forge.errors.ConfigError: trainer.max_steps=0 is invalid: ... trainer.max_steps=<value> ...
     """
 
 
@@ -31,6 +33,10 @@ class ClusterError(ForgeError):
 
 class TrainingError(ForgeError):
     """Training failed on the workers; the message carries the root cause, not Ray's wrapping."""
+
+
+class NonFiniteError(TrainingError):
+    """The loss, the gradients or the weights became NaN/inf; names the step and which one."""
 
 
 class CheckpointError(ForgeError):

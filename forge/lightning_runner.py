@@ -28,8 +28,12 @@ exactly as :mod:`forge.loop` does for forge-loop recipes:
   cadence (every ``trainer.log_every_n_steps`` optimizer steps and the last one).
 
 Order at a step that is due for both: validation first, then the checkpoint, so a checkpoint's
-manifest carries the validation metrics of its own step (as in the forge loop). The last step is
-always validated and checkpointed.
+manifest carries the validation metrics of its own step (as in the forge loop), and never an
+older step's. With ``checkpoint.monitor`` every checkpoint step is validated. The last step is
+always validated and checkpointed. Validation runs at optimizer steps, over unpadded shards, and
+a mid-epoch resume continues with the batches the uninterrupted run would have trained
+(:mod:`forge.lightning_exact`). A non-finite loss or gradient stops the run
+(:mod:`forge.nonfinite`).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import math
 import statistics
 import tempfile
 import time
+import warnings
 from typing import Any
 
 import pytorch_lightning as pl
@@ -55,8 +60,10 @@ from forge.checkpoint.storage import StorageOptions
 from forge.checkpoint.store import CheckpointStore, CommittedCheckpoint, open_checkpoint
 from forge.checkpoint.streamer import CheckpointStreamer
 from forge.config.specs import LaunchPlan, RunSpec
-from forge.errors import CheckpointError, ConfigError
+from forge.errors import CheckpointError, ConfigError, NonFiniteError, did_you_mean
+from forge.lightning_exact import ValidationSchedule, make_exact
 from forge.loop import WARMUP_STEPS_FOR_TIMING, WorkerContext, make_streamer, rng_state
+from forge.nonfinite import NonFiniteGuard
 from forge.recipe import build_params, import_recipe_module
 from forge.strategies.lightning import (
     CAPTURE_PATH,
@@ -203,7 +210,11 @@ class _ForgeCallback(pl.Callback):
         self.train_sums: dict[str, list[float]] = {}  # name -> [sum, count] since the last row
         self.logged_step = -1
         self.last_val: dict[str, float] = {}
+        self.last_val_step = -1  # the step last_val was measured at
+        self.schedule = ValidationSchedule()  # which optimizer steps are validated
+        self.guard: NonFiniteGuard | None = None  # set at train start (needs the device)
         self.pending_save: int | None = None  # a due checkpoint waiting for its validation
+        self._rng: dict[str, torch.Tensor] | None = None  # training RNG while validating
         self.saved_step = resumed.step if resumed is not None else -1
         self.last: CommittedCheckpoint | None = None  # committed by this attempt
         self.streamer: CheckpointStreamer | None = None  # uploads and commits in the background
@@ -233,7 +244,14 @@ class _ForgeCallback(pl.Callback):
         }
         step = trainer.global_step
         if trainer.validating:
-            self.last_val = values
+            self.last_val, self.last_val_step = values, step
+            monitor = self.spec.checkpoint.monitor
+            if monitor is not None and values and monitor not in values:
+                raise ConfigError(
+                    f"checkpoint.monitor={monitor} is not a metric the module logs in "
+                    f"validation (it logs {', '.join(sorted(values))})."
+                    f"{did_you_mean(monitor, values)} Set checkpoint.monitor to one of them."
+                )
             if values:
                 self.write(step, values)
                 self.send({"event": "val", "step": step, **values})
@@ -269,6 +287,14 @@ class _ForgeCallback(pl.Callback):
         self.epoch = trainer.current_epoch
         if self.resumed is not None:
             restore_rng(self.resumed, self.ctx.rank)
+        self.guard = NonFiniteGuard(
+            pl_module.device,
+            self.ctx.rank,
+            self.ctx.world_size,
+            self.start_step,
+            check_grads=self.spec.trainer.precision != "fp16",  # fp16: the scaler's business
+            can_skip=False,
+        )
         self.started = True
         self.send({"event": "start", "total_steps": self.total_steps, "step": self.start_step})
         self.tick = time.perf_counter()
@@ -298,18 +324,53 @@ class _ForgeCallback(pl.Callback):
 
         final = self.is_last(step)
         if final:
-            # Lightning validates once more when asked to stop (EarlyStopping's path), and its
-            # loop ends here anyway: the last step is always validated, as in the forge loop.
-            trainer.should_stop = True
+            trainer.should_stop = True  # Lightning's loop ends after this batch anyway
+        if self.guard is not None:
+            self.guard.end_step()
+            log_every = self.spec.trainer.log_every_n_steps
+            if final or step % log_every == 0:
+                self.guard.check(self.ctx.all_reduce_sum)
         every = self.spec.checkpoint.every_n_steps
-        if not (final or (every and step % every == 0)):
+        save_now = final or bool(every and step % every == 0)
+        val_every = self.spec.trainer.val_every_n_steps
+        # The last step is always validated, as in the forge loop; with a monitor, every
+        # checkpoint step too (a checkpoint is ranked only by its own weights' metrics).
+        validate = (
+            final
+            or bool(val_every and step % val_every == 0)
+            or (save_now and self.spec.checkpoint.monitor is not None)
+        )
+        if validate and trainer.enable_validation:
+            self.schedule.due_at = step
+            # Validation must not move the training RNG (its dataloader iterator draws a
+            # seed before any validation hook runs): saved here, put back when it ends, so a
+            # validated step trains on exactly as one that is not, as in the forge loop.
+            self._rng = rng_state()
+        if not save_now:
             return
-        if _validates_after_this_batch(trainer, final):
+        if validate and trainer.enable_validation:
             self.pending_save = step  # saved in on_validation_end, with this step's metrics
         else:
             self.save(trainer, step)
 
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        if self.guard is not None:
+            self.guard.observe_loss(loss)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        if self.guard is not None:
+            self.guard.observe_grads(pl_module.parameters())
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        rng, self._rng = self._rng, None  # saved when this validation was scheduled
+        if rng is not None:
+            torch.set_rng_state(rng["torch_cpu"])
+            if "torch_cuda" in rng:
+                torch.cuda.set_rng_state(rng["torch_cuda"])
         if trainer.sanity_checking or not self.started:
             return
         if self.pending_save is not None and self.pending_save == trainer.global_step:
@@ -329,6 +390,8 @@ class _ForgeCallback(pl.Callback):
         """Snapshot this rank's files; the streamer uploads them and commits on rank 0 in the
         background. Runs on every rank at the same step."""
         self.pending_save = None
+        if self.guard is not None:  # never a checkpoint of a run that went non-finite
+            self.guard.check(self.ctx.all_reduce_sum, weights=trainer.lightning_module.parameters())
         trainer.save_checkpoint(CAPTURE_PATH, weights_only=False)  # every rank: a barrier
         files: dict[str, Any]
         if uses_fragments(self.spec):  # every rank's own fragments, from the strategy
@@ -338,7 +401,8 @@ class _ForgeCallback(pl.Callback):
         files[f"rank{self.ctx.rank}.safetensors"] = tensors_to_bytes(rng_state())
         meta = {
             "strategy": self.spec.strategy.name,
-            "metrics": dict(self.last_val),
+            # Only this step's validation: a manifest never carries an older one.
+            "metrics": dict(self.last_val) if self.last_val_step == step else {},
             "state": {"step": step, "epoch": self.epoch},
             "config_hash": self.plan.config_hash,
             "data_fingerprint": self.plan.data_fingerprint,
@@ -363,22 +427,6 @@ class _ForgeCallback(pl.Callback):
         """On rank 0, for every checkpoint committed."""
         self.last = ckpt
         self.send({"event": "checkpoint", "step": ckpt.step, "uri": ckpt.uri})
-
-
-def _validates_after_this_batch(trainer: pl.Trainer, final: bool) -> bool:
-    """Whether Lightning runs validation right after the current training batch.
-
-    Mirrors Lightning's own test (batch-based ``val_check_interval`` with
-    ``check_val_every_n_epoch=None``, which is how :func:`make_trainer` configures it).
-    """
-    if not trainer.enable_validation:
-        return False
-    if final:
-        return True
-    every = trainer.val_check_batch
-    if not every or every == float("inf"):
-        return False
-    return (trainer.fit_loop.total_batch_idx + 1) % int(every) == 0
 
 
 def _batch_size(batch: Any) -> int:
@@ -452,11 +500,6 @@ def make_trainer(
     from ray.train.lightning import RayLightningEnvironment, prepare_trainer
 
     t = spec.trainer
-    # Lightning counts val_check_interval in batches; forge counts optimizer steps.
-    val_every = t.val_every_n_steps * t.accumulate_grad_batches
-    if not val_every:
-        # Never periodically; the last step is validated anyway (see _ForgeCallback).
-        val_every = _NEVER
     trainer = pl.Trainer(
         strategy=make_lightning_strategy(spec, module if module is not None else torch.nn.Module()),
         plugins=[RayLightningEnvironment(), io],
@@ -468,7 +511,9 @@ def make_trainer(
         min_epochs=0,  # lets the last step's validation run even inside the first epoch
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val,
-        val_check_interval=val_every,
+        # Lightning counts val_check_interval in batches; forge validates at optimizer steps
+        # (forge.lightning_exact.ValidationSchedule), so Lightning's own interval never fires.
+        val_check_interval=_NEVER,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         # Lightning hands every step's metrics to forge's logger; forge picks the rows
@@ -481,7 +526,9 @@ def make_trainer(
         enable_model_summary=False,
         default_root_dir=root_dir,
     )
-    return prepare_trainer(trainer)
+    trainer = prepare_trainer(trainer)
+    make_exact(trainer, callback.schedule)
+    return trainer
 
 
 def run_lightning(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, Any]:
@@ -519,7 +566,10 @@ def run_lightning(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[s
         from forge.metrics import open_run_metrics
 
         # Local storage: straight into the run folder; remote: staged here, uploaded at commits.
-        callback.writer = open_run_metrics(plan.run_uri, options)
+        # Rows past the resumed step (a dead attempt's) are dropped: they are logged again.
+        callback.writer = open_run_metrics(
+            plan.run_uri, options, resume_step=ckpt.step if ckpt is not None else 0
+        )
     writer = callback.writer
     callback.streamer = make_streamer(spec, store, ctx, callback.committed, writer)
 
@@ -534,7 +584,16 @@ def run_lightning(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[s
                 )
                 if is_main:
                     ctx.on_progress({"event": "resumed", "step": ckpt.step, "uri": ckpt.uri})
-            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+            with warnings.catch_warnings():
+                # forge positions the loaders itself (forge.lightning_exact); Lightning's
+                # "dataloader is not resumable" warning would say the opposite.
+                warnings.filterwarnings("ignore", message=".*ended before the epoch ended.*")
+                trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        except NonFiniteError:
+            # Every rank raised at the same (all-reduced) check; what was submitted before it
+            # passed that check: commit it, so a restart resumes from the last good step.
+            callback.streamer.finish()
+            raise
         except BaseException:
             callback.streamer.close(cancel=True)  # nothing uncommitted may land after this
             raise

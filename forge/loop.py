@@ -29,8 +29,9 @@ from forge.checkpoint.storage import StorageOptions
 from forge.checkpoint.store import CheckpointStore, CommittedCheckpoint, open_checkpoint
 from forge.checkpoint.streamer import CheckpointStreamer
 from forge.config.specs import LaunchPlan, RunSpec
-from forge.errors import CheckpointError, ConfigError
+from forge.errors import CheckpointError, ConfigError, NonFiniteError, did_you_mean
 from forge.loader import batch_len, eval_batches, to_device, train_loader
+from forge.nonfinite import NonFiniteGuard
 from forge.optim import make_optimizer, make_scheduler
 from forge.precision import autocast
 from forge.recipe import Recipe, build_params, import_recipe_module
@@ -158,6 +159,13 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
     torch.manual_seed(spec.seed + 1 + ctx.rank)
 
     ck = spec.checkpoint
+    has_val = feed.table.has_val if feed is not None else recipe.val_data is not None
+    if ck.monitor is not None and not has_val:
+        raise ConfigError(
+            f"checkpoint.monitor={ck.monitor} ranks checkpoints by a validation metric, but "
+            f"recipe {spec.recipe.name} has no val_data, so no checkpoint would ever be ranked. "
+            "Give the recipe val_data, or remove checkpoint.monitor (~checkpoint.monitor)."
+        )
     store = CheckpointStore(
         plan.run_uri,
         ck.keep_last,
@@ -190,7 +198,9 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
         from forge.metrics import open_run_metrics
 
         # Local storage: straight into the run folder; remote: staged here, uploaded at commits.
-        metrics_writer = open_run_metrics(plan.run_uri, store.options)
+        # Rows past the step training resumes from were written by an attempt that died after
+        # its last checkpoint: they are dropped, since this attempt logs those steps again.
+        metrics_writer = open_run_metrics(plan.run_uri, store.options, resume_step=state.step)
     streamer = make_streamer(
         spec,
         store,
@@ -207,12 +217,47 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
         if feed is not None:
             if not feed.table.has_val:
                 return {}
-            return run_eval(recipe, model, spec, ctx, batches=feed.val_batches())
-        if recipe.val_data is None:
+            metrics = run_eval(recipe, model, spec, ctx, batches=feed.val_batches())
+        elif recipe.val_data is None:
             return {}
-        return run_eval(recipe, model, spec, ctx)
+        else:
+            metrics = run_eval(recipe, model, spec, ctx)
+        if ck.monitor is not None and metrics and ck.monitor not in metrics:
+            raise ConfigError(
+                f"checkpoint.monitor={ck.monitor} is not a metric of recipe "
+                f"{spec.recipe.name}'s validation (it gives {', '.join(sorted(metrics))})."
+                f"{did_you_mean(ck.monitor, metrics)} Set checkpoint.monitor to one of them."
+            )
+        return metrics
+
+    # Non-finite loss/gradients: recorded on the device every step, read where the loop syncs
+    # anyway (log steps) and before every checkpoint (forge.nonfinite).
+    skip_nonfinite = trainer.on_nonfinite == "skip"
+    guard = NonFiniteGuard(
+        ctx.device,
+        ctx.rank,
+        ctx.world_size,
+        state.step,
+        # fp16: the loss scaler owns gradient overflow; DeepSpeed steps inside backward.
+        check_grads=trainer.precision != "fp16" and not strategy.name.startswith("deepspeed"),
+        can_skip=not strategy.name.startswith("deepspeed"),
+    )
+
+    def check_finite(weights: Any = None) -> None:
+        try:
+            guard.check(ctx.all_reduce_sum, weights=weights)
+        except NonFiniteError:
+            # Every rank raises at this (all-reduced) check. What was submitted before passed
+            # it: commit that, so a restart resumes from the last good step.
+            streamer.finish()
+            streamer.close()
+            if metrics_writer is not None:
+                metrics_writer.close()
+            raise
 
     def save(metrics: dict[str, float], final: bool = False) -> None:
+        # Never commit a checkpoint of a run that went non-finite (nor non-finite weights).
+        check_finite(weights=strategy.unwrap(model).parameters())
         # Training waits only for the host-memory snapshot; serialization, upload and the
         # commit run in the background (forge.checkpoint.streamer).
         with streamer.snapshot():  # host copies into reused buffers
@@ -233,7 +278,10 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
 
     step_times: list[float] = []
     loss_sum = torch.zeros(2, device=ctx.device)  # (sum of losses, count) since the last log
+    step_loss = torch.zeros(2, device=ctx.device)  # the same, for the step in progress
     last_val: dict[str, float] = {}
+    last_val_step = -1
+    start_step = state.step
     last_ckpt_step = state.step if ckpt is not None else -1
     first_step_at: float | None = None
     tick = time.perf_counter()
@@ -261,11 +309,23 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
                 with strategy.autocast(trainer.precision):
                     loss = recipe.loss_fn(model, batch)
                 strategy.backward(model, loss, trainer.accumulate_grad_batches)
-            loss_sum[0] += loss.detach().float()
-            loss_sum[1] += 1
+            step_loss[0] += loss.detach().float()
+            step_loss[1] += 1
             if not sync_now:
                 continue
-            strategy.optimizer_step(model, optimizer, trainer.gradient_clip_val)
+            guard.observe_grads(model.parameters())
+            # The step's summed loss is non-finite iff one of its micro-batches' was.
+            if skip_nonfinite and guard.step_is_bad(ctx.all_reduce_sum, loss=step_loss[0]):
+                # Every worker skips it: no update, its losses left out of train/loss. The
+                # step still counts, so schedule and data position stay those of a clean run.
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                if not skip_nonfinite:
+                    guard.end_step(loss=step_loss[0])
+                strategy.optimizer_step(model, optimizer, trainer.gradient_clip_val)
+                loss_sum += step_loss
+            step_loss.zero_()
+            step_lr = scheduler.get_last_lr()[0]  # what this step trained with, for its row
             scheduler.step()
             state.step += 1
 
@@ -276,10 +336,12 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
                 first_step_at = time.time()
 
             if state.step % trainer.log_every_n_steps == 0 or state.step == total_steps:
+                check_finite()  # the loop syncs here anyway
                 ctx.all_reduce_sum(loss_sum)
                 row = {
+                    # nan only when every step since the last row was skipped
                     "train/loss": (loss_sum[0] / loss_sum[1]).item(),
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": step_lr,
                     "epoch": state.epoch,
                 }
                 recent = step_times[-trainer.log_every_n_steps :]
@@ -288,29 +350,43 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
                 row["throughput/samples_per_s"] = samples / step_s
                 if recipe.tokens_per_sample:
                     row["throughput/tokens_per_s"] = samples * recipe.tokens_per_sample / step_s
+                if skip_nonfinite:
+                    row["train/skipped_steps"] = guard.skipped
                 loss_sum.zero_()
                 if metrics_writer is not None:
                     metrics_writer.log(state.step, row)
                 ctx.on_progress({"event": "log", "step": state.step, **row})
 
-            if trainer.val_every_n_steps and state.step % trainer.val_every_n_steps == 0:
-                last_val = evaluate()
+            every = spec.checkpoint.every_n_steps
+            save_now = bool(every) and state.step % every == 0 and state.step < total_steps
+            # A checkpoint is ranked only by metrics of its own weights: with a monitor, every
+            # checkpoint step is validated too (not only the val_every_n_steps grid).
+            if (trainer.val_every_n_steps and state.step % trainer.val_every_n_steps == 0) or (
+                save_now and ck.monitor is not None
+            ):
+                last_val, last_val_step = evaluate(), state.step
                 if last_val and metrics_writer is not None:
                     metrics_writer.log(state.step, last_val)
                     ctx.on_progress({"event": "val", "step": state.step, **last_val})
-            every = spec.checkpoint.every_n_steps
-            if every and state.step % every == 0 and state.step < total_steps:
-                save(last_val)
+            if save_now:
+                # Only this step's metrics: a manifest never carries an older validation.
+                save(last_val if last_val_step == state.step else {})
                 last_ckpt_step = state.step
             streamer.poll()  # commits finished uploads; one tiny all-reduce while any is pending
             if state.step >= total_steps:
                 break
 
-    validated_now = bool(trainer.val_every_n_steps) and state.step % trainer.val_every_n_steps == 0
-    final_val = last_val if validated_now and last_val else evaluate()
-    if final_val and metrics_writer is not None and not validated_now:
-        metrics_writer.log(state.step, final_val)
-        ctx.on_progress({"event": "val", "step": state.step, **final_val})
+    if ckpt is not None and state.step == start_step:
+        # Nothing left to train (a finished run started again): report its last checkpoint's
+        # metrics; evaluating again would log a second row for a step already logged.
+        final_val = dict(ckpt.manifest.metrics)
+    elif last_val_step == state.step:
+        final_val = last_val
+    else:
+        final_val = evaluate()
+        if final_val and metrics_writer is not None:
+            metrics_writer.log(state.step, final_val)
+            ctx.on_progress({"event": "val", "step": state.step, **final_val})
     if last_ckpt_step != state.step:
         save(final_val, final=True)
     last = streamer.finish() or store.latest(verify=False)  # every checkpoint committed
@@ -353,7 +429,9 @@ def run_eval(
     eval_fn = recipe.eval_fn or (lambda m, b: {"loss": recipe.loss_fn(m, b)})
     totals: dict[str, torch.Tensor] = {}  # name -> (sum, count)
     model.eval()
-    with torch.no_grad():
+    # Validation must not move the training RNG: a run validated at a step (e.g. the last step
+    # of a shorter run that is then continued) trains on exactly as one that was not.
+    with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(ctx.device)):
         if batches is None:
             batches = eval_batches(
                 recipe.val_data, spec.data.batch_size, ctx.rank, ctx.world_size, recipe.collate_fn
@@ -388,6 +466,10 @@ def run_eval(
     packed = torch.stack([totals[n] for n in names])
     ctx.all_reduce_sum(packed)
     return {f"val/{n}": (packed[i, 0] / packed[i, 1]).item() for i, n in enumerate(names)}
+
+
+def _rng_devices(device: torch.device) -> list[torch.device]:
+    return [device] if device.type == "cuda" else []
 
 
 def rng_state() -> dict[str, torch.Tensor]:

@@ -21,6 +21,10 @@ class MetricsWriter:
 
     Args:
         local_dir: A local folder (the run folder itself for local storage).
+        resume_step: The step training (re)starts from, when the folder may hold rows of an
+            earlier attempt: rows past it are dropped from ``metrics.jsonl`` (and a torn last
+            line), and TensorBoard purges its events past it (``purge_step``), so a restarted
+            run has one row per step. None appends to whatever is there.
 
     Example:
         >>> import tempfile
@@ -38,6 +42,7 @@ class MetricsWriter:
         *,
         mirror_uri: str | None = None,
         storage_options: Any = None,
+        resume_step: int | None = None,
     ) -> None:
         os.makedirs(local_dir, exist_ok=True)
         self.local_dir = local_dir
@@ -46,12 +51,21 @@ class MetricsWriter:
         self._synced: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns)
         self._sync_lock = threading.Lock()
         self.path = os.path.join(local_dir, "metrics.jsonl")
+        if resume_step is not None and os.path.exists(self.path):
+            with open(self.path, "rb") as f:
+                kept = rows_up_to(f.read(), resume_step)
+            tmp = self.path + ".tmp"
+            with open(tmp, "wb") as f:
+                f.write(kept)
+            os.replace(tmp, self.path)  # a crash here leaves the old file or the new, never half
         self._file = open(self.path, "a", buffering=1)  # line-buffered: tail -f works
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(local_dir, "tensorboard"))
+            # TensorBoard drops events at steps >= purge_step from the folder's older files.
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(os.path.join(local_dir, "tensorboard"), purge_step=purge)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step, "time": round(time.time(), 3), **metrics}
@@ -106,14 +120,37 @@ class MetricsWriter:
         self.close()
 
 
+def rows_up_to(data: bytes, step: int) -> bytes:
+    r"""The lines of a ``metrics.jsonl`` whose ``step`` is at most ``step``; a torn (unparsable)
+    line, as a killed writer leaves, is dropped too.
+
+    Example:
+        >>> rows_up_to(b'{"step": 1}\n{"step": 2}\n{"ste', 1)
+        b'{"step": 1}\n'
+    """
+    kept = []
+    for line in data.splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line if line.endswith(b"\n") else line + b"\n")
+    return b"".join(kept)
+
+
 def open_run_metrics(
-    run_uri: str, storage_options: Any = None, tensorboard: bool = True
+    run_uri: str,
+    storage_options: Any = None,
+    tensorboard: bool = True,
+    resume_step: int | None = None,
 ) -> MetricsWriter:
     """The metrics writer of a run folder, local or in object storage.
 
     A local run folder is written directly. For a remote one the writer stages files in a
     temporary folder, continuing the run's existing ``metrics.jsonl`` (a resumed run), and
-    uploads them on :meth:`MetricsWriter.sync` and :meth:`MetricsWriter.close`.
+    uploads them on :meth:`MetricsWriter.sync` and :meth:`MetricsWriter.close`. With
+    ``resume_step``, rows past it are dropped (see :class:`MetricsWriter`).
 
     Example:
         >>> w = open_run_metrics("memory://doc-metrics/run", tensorboard=False)
@@ -126,7 +163,7 @@ def open_run_metrics(
     from forge.checkpoint import storage
 
     if not storage.is_remote(run_uri):
-        return MetricsWriter(storage.normalize(run_uri), tensorboard)
+        return MetricsWriter(storage.normalize(run_uri), tensorboard, resume_step=resume_step)
     staging = tempfile.mkdtemp(prefix="forge-metrics-")
     try:
         previous = storage.read_bytes(storage.join(run_uri, "metrics.jsonl"), storage_options)
@@ -134,7 +171,13 @@ def open_run_metrics(
         previous = b""
     with open(os.path.join(staging, "metrics.jsonl"), "wb") as f:
         f.write(previous)
-    return MetricsWriter(staging, tensorboard, mirror_uri=run_uri, storage_options=storage_options)
+    return MetricsWriter(
+        staging,
+        tensorboard,
+        mirror_uri=run_uri,
+        storage_options=storage_options,
+        resume_step=resume_step,
+    )
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:

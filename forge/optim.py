@@ -40,7 +40,25 @@ def make_optimizer(spec: OptimSpec, params: Iterable[nn.Parameter]) -> torch.opt
 def make_scheduler(
     spec: OptimSpec, optimizer: torch.optim.Optimizer, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then constant, cosine or linear decay to ``lr * min_lr_ratio``."""
+    """Linear warm-up, then constant, cosine or linear decay to ``lr * min_lr_ratio``.
+
+    Optimizer step ``k`` (1-based; the scheduler's step ``s = k - 1``) trains with
+    ``lr * factor(s)``: ``(s + 1) / warmup_steps`` during warm-up (so step 1 does not waste a
+    zero learning rate and step ``warmup_steps`` is at the peak), then, with
+    ``p = (s - warmup_steps) / (total_steps - warmup_steps)``, ``min + (1 - min) * d(p)`` where
+    ``d`` is ``(1 + cos(pi p)) / 2`` (cosine) or ``1 - p`` (linear): the decay starts at the
+    peak and reaches ``min_lr_ratio`` at ``total_steps``. The values are tested exactly in
+    tests/unit/test_schedule_precision_provenance.py.
+
+    Example:
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        >>> spec = OptimSpec(lr=1.0, warmup_steps=2, scheduler="linear", min_lr_ratio=0.0)
+        >>> sched, lrs = make_scheduler(spec, opt, total_steps=6), []
+        >>> for _ in range(6):
+        ...     lrs.append(sched.get_last_lr()[0]); opt.step(); sched.step()
+        >>> lrs
+        [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    """
 
     def factor(step: int) -> float:
         if step < spec.warmup_steps:

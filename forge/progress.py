@@ -23,10 +23,16 @@ class ConsoleProgress:
     """Renders progress events from rank 0: a live bar on a terminal, plain lines elsewhere.
 
     Example:
-        >>> p = ConsoleProgress(Console(file=open("/dev/null", "w")))
+        >>> import io
+        >>> out = io.StringIO()
+        >>> p = ConsoleProgress(Console(file=out, width=200))
         >>> p({"event": "start", "total_steps": 10, "step": 0})
         >>> p({"event": "log", "step": 5, "train/loss": 0.5, "throughput/samples_per_s": 100.0})
+        >>> p({"event": "checkpoint", "step": 5, "uri": "runs/a/checkpoints/step_00000005"})
         >>> p.close()
+        >>> print(out.getvalue().replace("eta 0s", "eta ?"), end="")
+        step 5/10  train/loss 0.5  samples/s 100  eta ?
+        step 5  checkpoint committed: runs/a/checkpoints/step_00000005
     """
 
     def __init__(self, console: Console | None = None) -> None:

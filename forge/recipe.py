@@ -54,17 +54,28 @@ class Recipe:
         tokens_per_sample: For sequence models: tokens in one sample, so forge logs tokens/s.
 
     Example:
+        A model that predicts 0 has absolute error ``|y|``; forge averages ``eval_fn``'s
+        per-example values over every example (3.0 for y = 1..5), not over batches (batches
+        of 2 would give (1.5 + 3.5 + 5) / 3 = 3.33):
+
         >>> import torch
         >>> from torch.utils.data import TensorDataset
-        >>> data = TensorDataset(torch.randn(8, 3), torch.randn(8, 1))
-        >>> model = torch.nn.Linear(3, 1)
+        >>> from forge.config.specs import RunSpec
+        >>> from forge.loop import WorkerContext, run_eval
+        >>> x, y = torch.zeros(5, 1), torch.arange(1.0, 6.0)
+        >>> model = torch.nn.Linear(1, 1)
+        >>> _ = torch.nn.init.zeros_(model.weight), torch.nn.init.zeros_(model.bias)
         >>> recipe = Recipe(
         ...     model=model,
-        ...     train_data=data,
-        ...     loss_fn=lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]),
+        ...     train_data=TensorDataset(x, y),
+        ...     loss_fn=lambda m, b: torch.nn.functional.mse_loss(m(b[0]).squeeze(-1), b[1]),
+        ...     val_data=TensorDataset(x, y),
+        ...     eval_fn=lambda m, b: {"abs_error": (m(b[0]).squeeze(-1) - b[1]).abs()},
         ... )
-        >>> float(recipe.loss_fn(model, data[:4])) >= 0
-        True
+        >>> recipe_spec = {"name": "doc", "module": "recipes.digits"}
+        >>> spec = RunSpec(recipe=recipe_spec, data={"batch_size": 2})
+        >>> run_eval(recipe, model, spec, WorkerContext())
+        {'val/abs_error': 3.0}
     """
 
     model: Any

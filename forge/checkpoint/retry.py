@@ -153,6 +153,7 @@ class RetryPolicy:
         max_wait_s: Seconds one request may spend, retries and backoff included.
         initial_backoff_s: First backoff ceiling; it doubles per attempt (jittered below it).
         max_backoff_s: Longest single backoff.
+        budget_key: The config key that set ``max_wait_s``, named when the budget runs out.
 
     Example:
         >>> calls = []
@@ -171,6 +172,7 @@ class RetryPolicy:
     max_wait_s: float = 120.0
     initial_backoff_s: float = 0.2
     max_backoff_s: float = 20.0
+    budget_key: str = "storage.retry.max_wait_s"
 
     def call(
         self,
@@ -234,9 +236,11 @@ class RetryPolicy:
             if not is_transient(exc):
                 raise
             attempts = retryer.statistics.get("attempt_number", 1)
+            limits = f"{self.budget_key}={self.max_wait_s:g}"
+            if self.max_attempts is not None:
+                limits = f"storage.retry.max_attempts={self.max_attempts}, {limits}"
             raise StorageUnavailableError(
                 f"{what}: storage kept failing for {time.monotonic() - started:.0f} s over "
-                f"{attempts} attempt(s), beyond the retry budget (storage.retry.max_attempts="
-                f"{self.max_attempts}, storage.retry.max_wait_s={self.max_wait_s:g}). "
+                f"{attempts} attempt(s), beyond the retry budget ({limits}). "
                 f"Last error: {describe(exc)}"
             ) from exc

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -394,15 +395,21 @@ class CheckpointStore:
     def top(
         self, k: int, committed: list[CommittedCheckpoint] | None = None
     ) -> list[CommittedCheckpoint]:
-        """The ``k`` best committed checkpoints by ``monitor``, best first ([] without one)."""
+        """The ``k`` best committed checkpoints by ``monitor``, best first ([] without one).
+
+        Only checkpoints whose ``monitor`` value is a finite number rank: a NaN compares false
+        with everything, so a plain sort would put it anywhere (even first), and an inf loss
+        is a diverged model, not the best one.
+        """
         if self.monitor is None or k <= 0:
             return []
-        scored = [c for c in (committed or self.committed()) if self.monitor in c.manifest.metrics]
-        return sorted(
-            scored,
-            key=lambda c: c.manifest.metrics[self.monitor],  # type: ignore[index]
-            reverse=self.mode == "max",
-        )[:k]
+        scored = [
+            (value, c)
+            for c in (committed or self.committed())
+            if (value := rank_value(c.manifest.metrics, self.monitor)) is not None
+        ]
+        scored.sort(key=lambda pair: pair[0], reverse=self.mode == "max")
+        return [c for _, c in scored[:k]]
 
     def best(
         self, committed: list[CommittedCheckpoint] | None = None
@@ -410,6 +417,24 @@ class CheckpointStore:
         """The committed checkpoint with the best ``monitor`` metric, if one is configured."""
         top = self.top(1, committed)
         return top[0] if top else None
+
+
+def rank_value(metrics: Mapping[str, Any], monitor: str) -> float | None:
+    """``metrics[monitor]`` if it can rank (a finite number), else None.
+
+    The one rule for every choice of a "best" by a metric (retention, ``best_checkpoint``):
+    a missing, non-numeric or non-finite value never ranks.
+
+    Example:
+        >>> rank_value({"val/loss": 0.3}, "val/loss")
+        0.3
+        >>> rank_value({"val/loss": float("nan")}, "val/loss") is None
+        True
+    """
+    value = metrics.get(monitor)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
 
 
 _hash_pool: ThreadPoolExecutor | None = None

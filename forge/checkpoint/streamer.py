@@ -125,6 +125,7 @@ class CheckpointStreamer:
                 max_wait_s=outage_max_s,
                 initial_backoff_s=options.retry.initial_backoff_s,
                 max_backoff_s=30.0,
+                budget_key="storage.outage_max_s",
             )
             store = store.with_options(dataclasses.replace(options, retry=patient))
         self.store = store

@@ -273,6 +273,10 @@ class TrainerSpec(Spec):
     val_every_n_steps: NonNegInt = Field(100, description="0 validates only at the end")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts; -1 is unlimited")
     compile: bool = Field(False, description="torch.compile the model's blocks (forge loop)")
+    on_nonfinite: Literal["fail", "skip"] = Field(
+        "fail",
+        description="a NaN/inf loss or gradient: fail (stop, naming the step) or skip the step",
+    )
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -391,6 +395,20 @@ class RunSpec(Spec):
                 "on CUDA loss scaling. On CPU use trainer.precision=bf16 or trainer.precision=32"
             )
         self._strategy_cross_checks()
+        if self.trainer.on_nonfinite == "skip" and (
+            self.recipe.kind == "lightning" or self.strategy.name.startswith("deepspeed")
+        ):
+            where = (
+                "recipe.kind=lightning (Lightning steps the optimizer itself)"
+                if self.recipe.kind == "lightning"
+                else f"strategy={self.strategy.name} (the DeepSpeed engine steps inside backward)"
+            )
+            raise ValueError(
+                f"trainer.on_nonfinite=skip is not supported with {where}: forge cannot drop a "
+                "step there before it is taken. Use trainer.on_nonfinite=fail (the run stops at "
+                "the first non-finite step, naming it), or strategy=ddp/fsdp with a forge-loop "
+                "recipe"
+            )
         if self.run_name is not None and ("/" in self.run_name or self.run_name in {".", ".."}):
             raise ValueError(
                 f"run_name={self.run_name!r} must be a single folder name (no '/'); "

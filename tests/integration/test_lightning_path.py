@@ -57,7 +57,26 @@ def test_lightning_recipe_trains_validates_and_checkpoints(ray_cluster, tmp_path
 
     from recipes.lightning_digits import DigitsModule
 
-    DigitsModule().load_state_dict(load_file(Path(result.last_checkpoint, "model.safetensors")))
+    module = DigitsModule()
+    module.load_state_dict(load_file(Path(result.last_checkpoint, "model.safetensors")))
+
+    # Validation on 2 workers is exact: the value over the 359 real samples (Lightning's padded
+    # sampler would count one sample twice, over 360), in the summary and in the manifest.
+    import torch
+
+    from recipes.digits import load_digits_tensors
+
+    _, val_set = load_digits_tensors(0.2, 0)
+    images, labels = val_set.tensors
+    assert len(labels) == 359
+    module.eval()
+    with torch.no_grad():
+        logits = module(images)
+    loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item() / 359
+    accuracy = (logits.argmax(dim=1) == labels).sum().item() / 359
+    assert result.metrics["val/accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert result.metrics["val/loss"] == pytest.approx(loss, abs=1e-5)
+    assert manifest["metrics"]["val/loss"] == pytest.approx(loss, abs=1e-5)
 
     rows = read_metrics(str(Path(result.run_dir, "metrics.jsonl")))
     assert [r["step"] for r in rows if "train/loss" in r] == [10, 20]

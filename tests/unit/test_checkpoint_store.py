@@ -470,3 +470,23 @@ def test_tensors_to_bytes_does_not_alter_the_input() -> None:
     state = {"a": t, "b": t}
     tensors_to_bytes(state)
     assert state["a"] is t and state["b"] is t
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_a_non_finite_metric_never_ranks_best(run_uri: str, bad: float) -> None:
+    """Issue 8 case: val/loss NaN, 0.5, 0.3, 0.4 at steps 10-40, keep_last=1. The NaN (or a
+    -inf, which min-mode would otherwise pick) must not rank: step 30 is the best and is kept."""
+    store = CheckpointStore(run_uri, keep_last=1, monitor="val/loss", mode="min")
+    for step, loss in {10: bad, 20: 0.5, 30: 0.3, 40: 0.4}.items():
+        save(store, step, metrics={"val/loss": loss})
+    assert store.best().step == 30
+    assert [c.step for c in store.committed()] == [30, 40]
+    assert [c.step for c in store.top(3)] == [30, 40]
+
+
+def test_an_inf_metric_never_ranks_best_in_max_mode(run_uri: str) -> None:
+    store = CheckpointStore(run_uri, keep_last=1, monitor="val/accuracy", mode="max")
+    for step, acc in {10: float("inf"), 20: 0.5, 30: 0.9, 40: "n/a", 50: 0.1}.items():
+        save(store, step, metrics={"val/accuracy": acc})
+    assert store.best().step == 30
+    assert [c.step for c in store.committed()] == [30, 50]

@@ -502,3 +502,40 @@ def test_loop_rejects_a_malicious_pickle_on_s3(s3_server, s3_bucket, tmp_path, c
     assert "refused to load" in caplog.text
     assert [e["step"] for e in events if e["event"] == "resumed"] == [10]
     assert out["step"] == 20
+
+
+@pytest.mark.s3
+def test_defer_mode_gives_up_after_outage_max_s(s3_proxy, s3_bucket) -> None:
+    """storage.outage_max_s bounds how long deferred uploads keep retrying: with the endpoint
+    dead, the checkpoint fails after ~2 s (not at the first error, not after the 3 s retry
+    budget of fail mode, not after an hour), and the message names storage.outage_max_s."""
+    store = s3_store(s3_proxy.endpoint, s3_bucket)
+    s3_proxy.kill()
+    streamer = CheckpointStreamer(store, on_outage="defer", outage_max_s=2, max_in_flight=1)
+    started = time.monotonic()
+    streamer.submit(10, {"model.bin": b"w" * 1024}, strategy="t")
+    with pytest.raises(CheckpointError) as info:
+        streamer.finish()
+    elapsed = time.monotonic() - started
+    streamer.close(cancel=True)
+    s3_proxy.revive()
+    # Jittered backoff never sleeps past the budget, so it may stop a little before 2 s.
+    assert elapsed < 12, elapsed  # a 10x budget (20 s) fails this
+    assert "storage.outage_max_s=2" in str(info.value)
+    attempts = int(str(info.value).split(" attempt(s)")[0].rsplit(" ", 1)[1])
+    assert attempts >= 3  # kept retrying through the outage
+    assert store.committed() == []
+
+
+def test_the_loop_streamer_takes_outage_max_s_from_the_spec(tmp_path) -> None:
+    from forge.config.specs import RunSpec
+    from forge.loop import WorkerContext, make_streamer
+
+    spec = RunSpec(
+        recipe={"name": "d", "module": "recipes.digits"},
+        storage={"uri": str(tmp_path), "on_outage": "defer", "outage_max_s": 7},
+    )
+    streamer = make_streamer(spec, CheckpointStore(str(tmp_path)), WorkerContext(), print, None)
+    assert streamer.store.options.retry.max_wait_s == 7
+    assert streamer.store.options.retry.budget_key == "storage.outage_max_s"
+    streamer.close()

@@ -156,11 +156,14 @@ def test_fp16_scales_the_loss_and_resumes_with_the_scale(tmp_path: Path, name: s
     and a run resumed at step 4 continues with exactly the losses (and scale) of the
     uninterrupted run.
 
-    Tolerance 1e-3: fp16 matmuls accumulate in fp32, so the loss moves by ~1e-4 here (measured);
-    a missing unscale (gradients 65536x too large) or a skipped step moves it by far more.
+    Plain SGD without clipping, so that the gradient's scale reaches the weights: clipping and
+    AdamW would absorb gradients left 65536x too large. Tolerance 1e-3: fp16 matmuls
+    accumulate in fp32, so the loss moves by ~1e-4 here (measured); a missing unscale or a
+    skipped step moves it by far more.
     """
-    run_loop(digits(tmp_path, f"strategy={name}"), plan(tmp_path / "fp32"), WorkerContext())
-    run_loop(fp16(digits(tmp_path, f"strategy={name}")), plan(tmp_path / "src"), WorkerContext())
+    sgd = (f"strategy={name}", "optim.name=sgd", "optim.lr=0.1", "trainer.gradient_clip_val=null")
+    run_loop(digits(tmp_path, *sgd), plan(tmp_path / "fp32"), WorkerContext())
+    run_loop(fp16(digits(tmp_path, *sgd)), plan(tmp_path / "src"), WorkerContext())
     curve = losses(tmp_path / "src")
     assert curve == pytest.approx(losses(tmp_path / "fp32"), abs=1e-3)
     step4 = tmp_path / "src/checkpoints/step_00000004"
@@ -168,7 +171,7 @@ def test_fp16_scales_the_loss_and_resumes_with_the_scale(tmp_path: Path, name: s
     assert scaler["scale"] == 2.0**16 and scaler["_growth_tracker"] == 4  # 4 unskipped steps
 
     run_loop(
-        fp16(digits(tmp_path, f"strategy={name}")),
+        fp16(digits(tmp_path, *sgd)),
         plan(tmp_path / "dst", resume_from=str(step4)),
         WorkerContext(),
     )

@@ -1,0 +1,183 @@
+"""Stop (or skip) training that goes non-finite, without a host sync per step.
+
+A NaN/inf loss or gradient does not raise in PyTorch: the optimizer writes NaN into the weights
+and training carries on, logging NaN and checkpointing it. :class:`NonFiniteGuard` watches the
+loss of every micro-batch and (where forge steps the optimizer itself and no fp16 loss scaler
+owns overflow) the gradient norm, and records on the device the first step where one of them
+was not finite. Nothing is read back per step: :meth:`NonFiniteGuard.check` reads the record
+where the loop syncs anyway (log steps) and always before a checkpoint is submitted, and it also
+checks the weights then, so no checkpoint with non-finite weights is ever committed.
+
+Policies (``trainer.on_nonfinite``):
+
+* ``fail`` (default): the run stops with :class:`~forge.errors.NonFiniteError`, naming the step
+  and the first non-finite quantity. Steps after it may have trained on NaN weights, but none of
+  them is checkpointed; a restart resumes from the last good checkpoint.
+* ``skip``: a step whose loss or gradients are not finite on any worker is skipped on every
+  worker (gradients dropped, no optimizer step; the step still counts, so the schedule and the
+  data position stay those of the uninterrupted run) and counted in ``train/skipped_steps``.
+  Deciding that needs every worker's answer before the optimizer step: one all-reduce and one
+  host sync per step, which is why it is opt-in.
+
+fp16: gradient overflow is the loss scaler's business (it skips the step and lowers the scale),
+so under fp16 the guard watches the loss only and never skips a step the scaler will skip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from forge.errors import NonFiniteError
+
+LOSS, GRAD_NORM, WEIGHTS = 1, 2, 3
+QUANTITY = {
+    LOSS: "the training loss was",
+    GRAD_NORM: "the gradient norm was",
+    WEIGHTS: "the weights were",
+}
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (possibly sharded, DTensor) tensor; a ZeRO-3 parameter's shard."""
+    tensor = getattr(tensor, "ds_tensor", tensor)
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """A 0-d bool tensor on the tensors' device: every element of every tensor is finite.
+
+    One fused norm per tensor group (``torch._foreach_norm``), no host sync.
+
+    Example:
+        >>> bool(all_finite([torch.ones(3), torch.zeros(2)])), bool(all_finite([torch.ones(2) / 0]))
+        (True, False)
+    """
+    local = [_local(t).detach() for t in tensors]
+    local = [t for t in local if t.numel()]
+    if not local:
+        return torch.ones((), dtype=torch.bool)
+    norms = torch._foreach_norm(local)
+    return torch.isfinite(torch.stack([n.float() for n in norms])).all()
+
+
+class NonFiniteGuard:
+    """This worker's record of the first non-finite step; see the module docstring.
+
+    Args:
+        device: Where the record lives (the training device).
+        rank, world_size: This worker's place, for the all-reduce in :meth:`check`.
+        step: The step training starts from (0, or the resumed step).
+        check_grads: Whether :meth:`observe_grads` looks at gradients (not under an fp16 loss
+            scaler, which owns overflow; not under DeepSpeed, whose engine steps in backward).
+        can_skip: Whether the error may suggest ``trainer.on_nonfinite=skip`` (the forge loop
+            on DDP/FSDP; not Lightning or DeepSpeed, which refuse it).
+
+    Example:
+        >>> guard = NonFiniteGuard(torch.device("cpu"), rank=0, world_size=1, step=0)
+        >>> guard.observe_loss(torch.tensor(0.5)); guard.end_step()
+        >>> guard.observe_loss(torch.tensor(float("nan"))); guard.end_step()
+        >>> guard.check(lambda t: None)
+        Traceback (most recent call last):
+        ...
+        forge.errors.NonFiniteError: Training went non-finite at step 2: the training loss was ...
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        rank: int,
+        world_size: int,
+        step: int,
+        check_grads: bool = True,
+        can_skip: bool = True,
+    ) -> None:
+        self.rank, self.world_size, self.check_grads = rank, world_size, check_grads
+        self.can_skip = can_skip
+        kw = {"device": device}
+        self._step = torch.tensor(float(step), dtype=torch.float64, **kw)  # counted on device
+        self._first = torch.zeros(2, dtype=torch.float64, **kw)  # (step, quantity); 0: none
+        self._bad = torch.zeros(2, dtype=torch.bool, **kw)  # this step: (loss, grads) bad
+        self.skipped = 0  # steps skipped under the skip policy
+
+    def observe_loss(self, loss: torch.Tensor) -> None:
+        """Call with a micro-batch's loss, or a sum of them (NaN and inf survive a sum);
+        queued on the device, no sync."""
+        self._bad[0] |= ~torch.isfinite(loss.detach()).all()
+
+    def observe_grads(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        """Call once per optimizer step, after the last backward, before the optimizer step."""
+        if self.check_grads:
+            self._bad[1] |= ~all_finite(p.grad for p in parameters if p.grad is not None)
+
+    def step_is_bad(
+        self, all_reduce_sum: Callable[[torch.Tensor], None], loss: torch.Tensor | None = None
+    ) -> bool:
+        """Skip policy: whether any worker saw a non-finite loss or gradient in this step.
+
+        A collective and a host sync (call on every rank). Clears this step's observations.
+        """
+        if loss is not None:
+            self.observe_loss(loss)
+        flag = self._bad.any().to(torch.float64).reshape(1)
+        all_reduce_sum(flag)
+        self._bad.zero_()
+        bad = flag.item() > 0
+        self._step += 1
+        self.skipped += int(bad)
+        return bad
+
+    def end_step(self, loss: torch.Tensor | None = None) -> None:
+        """Fail policy: record this step if it is the first non-finite one (no sync).
+
+        ``loss``: the step's loss (a sum over its micro-batches is enough), if not observed.
+        """
+        if loss is not None:
+            self.observe_loss(loss)
+        self._step += 1
+        kind = torch.where(
+            self._bad[0],
+            float(LOSS),
+            torch.where(self._bad[1], float(GRAD_NORM), 0.0),
+        ).to(torch.float64)
+        new = (self._first[1] == 0) & (kind > 0)
+        self._first.copy_(torch.where(new, torch.stack([self._step, kind]), self._first))
+        self._bad.zero_()
+
+    def check(
+        self,
+        all_reduce_sum: Callable[[torch.Tensor], None],
+        weights: Iterable[torch.Tensor] | None = None,
+    ) -> None:
+        """Raise :class:`~forge.errors.NonFiniteError` if any worker recorded a non-finite step
+        (or, with ``weights``, holds a non-finite weight now). Call on every rank: one small
+        all-reduce and one host sync."""
+        if weights is not None:
+            bad = ~all_finite(weights)
+            new = (self._first[1] == 0) & bad
+            now = torch.stack([self._step, torch.tensor(float(WEIGHTS), device=self._step.device)])
+            self._first.copy_(torch.where(new, now, self._first))
+        slots = torch.zeros(self.world_size, 2, dtype=torch.float64, device=self._first.device)
+        slots[self.rank] = self._first
+        all_reduce_sum(slots)
+        seen = [(int(s), int(k), r) for r, (s, k) in enumerate(slots.tolist()) if k > 0]
+        if not seen:
+            return
+        step, kind, rank = min(seen)
+        after = " after that step's update" if kind == WEIGHTS else ""
+        skip = (
+            " To skip such steps instead, set trainer.on_nonfinite=skip (counted in "
+            "train/skipped_steps)."
+            if self.can_skip
+            else ""
+        )
+        raise NonFiniteError(
+            f"Training went non-finite at step {step}: {QUANTITY[kind]} NaN or inf{after} "
+            f"(first seen on rank {rank}). The run stopped; no checkpoint of step {step} or "
+            "later was committed, so a restart resumes from the last good one. Usual causes: "
+            "a learning rate too high (lower the learning rate, or warm it up), exploding "
+            "gradients (set trainer.gradient_clip_val), a log or division of zero in the "
+            f"loss.{skip}"
+        )
