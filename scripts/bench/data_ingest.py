@@ -66,6 +66,7 @@ def ingest(rows: int, steps: int, repeats: int) -> None:
         f"trainer.max_steps={steps}",
         "trainer.val_every_n_steps=0",
         "checkpoint.every_n_steps=0",
+        "checkpoint.monitor=null",  # no validation data on either side
         "scaling.num_workers=2",
     ]
     sides = {

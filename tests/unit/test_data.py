@@ -348,3 +348,17 @@ def test_infer_contract_then_validate_round_trip(tmp_path, capsys, loans) -> Non
     )
     assert code == 2
     assert "age" in out and "max" in out and "failing rows" in out
+
+
+def test_monitor_without_validation_rows_is_refused_on_the_driver(loans) -> None:
+    from forge.config.compose import compose
+    from forge.config.validate import to_run_spec
+    from forge.data.prepare import prepare
+
+    spec = to_run_spec(
+        compose(["experiment=tabular", f"data.source={loans}", "data.label=default"])
+    )
+    with pytest.raises(ConfigError, match="checkpoint.monitor=val/loss .* no validation rows"):
+        prepare(spec)
+    with pytest.raises(ConfigError, match="trains only on its own data"):
+        prepare(to_run_spec(compose([f"data.source={loans}", "data.label=default"])))  # digits
