@@ -28,6 +28,9 @@ _EXPORTS = {
     "train": "forge.api",
     "RunResult": "forge.api",
     "Recipe": "forge.recipe",
+    "ExportSpec": "forge.recipe",
+    "export": "forge.export",
+    "ExportResult": "forge.export",
     "ForgeError": "forge.errors",
     "ConfigError": "forge.errors",
     "ClusterError": "forge.errors",
@@ -39,12 +42,15 @@ __all__ = [
     "CheckpointError",
     "ClusterError",
     "ConfigError",
+    "ExportResult",
+    "ExportSpec",
     "ForgeError",
     "Recipe",
     "RunResult",
     "TrainingError",
     "__version__",
     "compose",
+    "export",
     "train",
 ]
 
@@ -52,7 +58,8 @@ if TYPE_CHECKING:
     from forge.api import RunResult, train
     from forge.config.compose import compose
     from forge.errors import CheckpointError, ClusterError, ConfigError, ForgeError, TrainingError
-    from forge.recipe import Recipe
+    from forge.export import ExportResult, export
+    from forge.recipe import ExportSpec, Recipe
 
 
 def __getattr__(name: str) -> Any:

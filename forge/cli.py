@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 
 from forge.errors import ClusterError, ConfigError, ForgeError
 from forge.progress import make_console
@@ -97,10 +98,14 @@ def _exit_on_error(console: Console, fn: object) -> None:
     try:
         fn()  # type: ignore[operator]
     except (ConfigError, ClusterError) as exc:
-        console.print(f"[bold red]forge: configuration error[/]\n{exc}", highlight=False)
+        console.print(
+            f"[bold red]forge: configuration error[/]\n{escape(str(exc))}", highlight=False
+        )
         sys.exit(EXIT_BAD_CONFIG)
     except ForgeError as exc:
-        console.print(f"[bold red]forge: {type(exc).__name__}[/]\n{exc}", highlight=False)
+        console.print(
+            f"[bold red]forge: {type(exc).__name__}[/]\n{escape(str(exc))}", highlight=False
+        )
         sys.exit(EXIT_TRAINING_FAILED)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]; committed checkpoints are kept (resume=auto)")

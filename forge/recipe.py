@@ -52,6 +52,8 @@ class Recipe:
             per-batch loss.
         collate_fn: Optional ``DataLoader`` collate function.
         tokens_per_sample: For sequence models: tokens in one sample, so forge logs tokens/s.
+        export: What the model takes when served (:class:`ExportSpec`); ``python -m forge
+            export`` refuses a recipe without one.
 
     Example:
         A model that predicts 0 has absolute error ``|y|``; forge averages ``eval_fn``'s
@@ -85,6 +87,7 @@ class Recipe:
     eval_fn: Callable[[Any, Batch], Mapping[str, Any]] | None = None
     collate_fn: Callable[[list[Any]], Batch] | None = None
     tokens_per_sample: int | None = None
+    export: ExportSpec | None = None
 
     @property
     def builds_model_lazily(self) -> bool:
@@ -103,6 +106,56 @@ class Recipe:
             Linear(in_features=2, out_features=1, bias=True)
         """
         return self.model() if self.builds_model_lazily else self.model
+
+
+@dataclass
+class ExportSpec:
+    """What a recipe's model takes and returns when served; what export checks it with.
+
+    Attributes:
+        input_names: The names of ``forward``'s tensor arguments, in order.
+        output_names: Names for the model's outputs, in order.
+        example: ``example(n)`` returns ``n`` rows of validation inputs (a tuple of tensors, one
+            per input name). Export traces with one such batch and checks parity on others.
+        dynamic_dims: Per input, which dims vary and their names: ``{"x": {0: "batch"}}``;
+            for a sequence model also ``{1: "seq"}``. Other dims are fixed.
+        max_dims: Upper bounds of named dims (``{"seq": 128}``); others are unbounded.
+        task: ``classification`` (argmax of the last dim), ``next_token`` (argmax of the last
+            dim at every position) or ``regression`` (no task-level check).
+        preprocessing: What a client must do to raw data before calling the model (shown in
+            the model card), or where the model already does it.
+
+    Example:
+        >>> import torch
+        >>> spec = ExportSpec(
+        ...     input_names=("x",), output_names=("logits",),
+        ...     example=lambda n: (torch.zeros(n, 3),), dynamic_dims={"x": {0: "batch"}},
+        ...     task="classification", preprocessing="none: raw float features",
+        ... )
+        >>> spec.example(2)[0].shape
+        torch.Size([2, 3])
+    """
+
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    example: Callable[[int], tuple[Any, ...]]
+    dynamic_dims: Mapping[str, Mapping[int, str]]
+    task: str = "classification"
+    preprocessing: str = ""
+    max_dims: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+    @staticmethod
+    def rows(tensor: Any, n: int) -> Any:
+        """``n`` rows of ``tensor``, cycling when it has fewer (for ``example``).
+
+        Example:
+            >>> import torch
+            >>> ExportSpec.rows(torch.arange(3), 5).tolist()
+            [0, 1, 2, 0, 1]
+        """
+        import torch
+
+        return tensor[torch.arange(n) % len(tensor)]
 
 
 def import_recipe_module(module: str) -> ModuleType:

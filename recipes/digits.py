@@ -89,4 +89,19 @@ def build(params: Params) -> forge.Recipe:
         val_data=val_data,
         loss_fn=loss_fn,
         eval_fn=eval_fn,
+        export=export_spec(val_data),
+    )
+
+
+def export_spec(val_data: TensorDataset) -> forge.ExportSpec:
+    """What the served model takes: a batch of images, any batch size; for ``forge export``."""
+    images = val_data.tensors[0]
+    return forge.ExportSpec(
+        input_names=("images",),
+        output_names=("logits",),
+        example=lambda n: (forge.ExportSpec.rows(images, n),),
+        dynamic_dims={"images": {0: "batch"}},
+        task="classification",
+        preprocessing="8x8 grayscale images as float32 (N, 1, 8, 8) in [0, 1]: scikit-learn's "
+        "0..16 pixel values divided by 16. The logits' argmax is the digit.",
     )

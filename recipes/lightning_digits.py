@@ -3,6 +3,7 @@
 This is the *Lightning path*: ``DigitsModule`` and ``DigitsDataModule`` are plain Lightning
 classes with no forge imports, exactly what an existing Lightning project already has. forge only
 needs ``Params`` and ``build_lightning``; it runs the module under Ray's Lightning strategies.
+``export_spec`` (optional) says what the module takes when served, for ``forge export``.
 
 Run it::
 
@@ -22,7 +23,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+import forge
 from recipes.digits import DigitsCNN, load_digits_tensors
+from recipes.digits import export_spec as digits_export_spec
 
 
 @dataclass
@@ -88,6 +91,12 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size)
+
+
+def export_spec(params: Params) -> forge.ExportSpec:
+    """What the served module takes (``forge export``); the same images as recipes.digits."""
+    _, val_data = load_digits_tensors(params.val_fraction, params.split_seed)
+    return digits_export_spec(val_data)
 
 
 def build_lightning(params: Params) -> tuple[pl.LightningModule, pl.LightningDataModule]:

@@ -179,4 +179,19 @@ def build(params: Params, data: TableInfo | None = None) -> forge.Recipe:
         val_data=val_data,
         loss_fn=loss_fn,
         eval_fn=eval_fn,
+        export=export_spec(val_data.tensors[0]),
+    )
+
+
+def export_spec(val_features: torch.Tensor) -> forge.ExportSpec:
+    """What the served model takes: raw feature rows, any batch size; for ``forge export``."""
+    return forge.ExportSpec(
+        input_names=("features",),
+        output_names=("logits",),
+        example=lambda n: (forge.ExportSpec.rows(val_features, n),),
+        dynamic_dims={"features": {0: "batch"}},
+        task="classification",
+        preprocessing=f"None: raw float32 rows (N, {len(FEATURE_NAMES)}) in FEATURE_NAMES order. "
+        "Standardization is inside the model (training-split mean/std as buffers). "
+        "Argmax 0 = malignant, 1 = benign.",
     )

@@ -250,4 +250,24 @@ def build(params: Params) -> forge.Recipe:
         loss_fn=loss_fn,
         eval_fn=eval_fn,
         tokens_per_sample=params.block_size,  # forge logs throughput/tokens_per_s
+        export=export_spec(params, val_data),
+    )
+
+
+def export_spec(params: Params, val_data: ByteWindows) -> forge.ExportSpec:
+    """What the served model takes: byte ids, any batch size and any length up to block_size."""
+
+    def example(n: int) -> tuple[torch.Tensor]:
+        windows = torch.stack([val_data[i % len(val_data)][0] for i in range(n)])
+        return (windows,)
+
+    return forge.ExportSpec(
+        input_names=("idx",),
+        output_names=("logits",),
+        example=example,
+        dynamic_dims={"idx": {0: "batch", 1: "seq"}},
+        max_dims={"seq": params.block_size},
+        task="next_token",
+        preprocessing=f"Text as UTF-8 bytes, one int64 id per byte (0..255), rows of at most "
+        f"{params.block_size} ids. logits[:, t] scores the byte after position t.",
     )

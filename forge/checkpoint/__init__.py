@@ -12,14 +12,16 @@
 
 from typing import Any
 
+from forge.checkpoint.storage import StorageOptions
 from forge.checkpoint.store import CheckpointStore, CommittedCheckpoint
 
 __all__ = ["CheckpointStore", "CommittedCheckpoint", "consolidate"]
 
 
-def consolidate(uri: str) -> dict[str, Any]:
+def consolidate(uri: str, options: StorageOptions | None = None) -> dict[str, Any]:
     """One full-precision state dict (``{name: tensor}``) from a checkpoint of any strategy and
-    world size, for export and evaluation. See :func:`forge.strategies.fragments.consolidate`."""
+    world size, for export and evaluation. See :func:`forge.strategies.fragments.consolidate`;
+    ``options`` says how to reach remote storage (endpoint, region, retries)."""
     from forge.strategies.fragments import consolidate as _consolidate  # the sharded format
 
-    return _consolidate(uri)
+    return _consolidate(uri, options)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from forge.checkpoint.serialize import bytes_to_object, bytes_to_tensors, tensors_to_bytes
+from forge.checkpoint.storage import StorageOptions
 from forge.checkpoint.store import CommittedCheckpoint, open_checkpoint
 from forge.errors import CheckpointError
 
@@ -362,7 +363,7 @@ class StateReader:
                 live[name] = tuple(value) if isinstance(live[name], tuple) else value
 
 
-def consolidate(uri: str) -> dict[str, torch.Tensor]:
+def consolidate(uri: str, options: StorageOptions | None = None) -> dict[str, torch.Tensor]:
     """One full-precision state dict from any forge checkpoint, for export and evaluation.
 
     Works for every strategy and world size: DDP's ``model.safetensors`` is returned as is;
@@ -371,6 +372,7 @@ def consolidate(uri: str) -> dict[str, torch.Tensor]:
 
     Args:
         uri: A committed checkpoint folder (``<run>/checkpoints/step_00000100``).
+        options: How to reach remote storage (endpoint, region, retries); None: defaults.
 
     Returns:
         ``{name: tensor}``, loadable with ``model.load_state_dict``.
@@ -384,7 +386,7 @@ def consolidate(uri: str) -> dict[str, torch.Tensor]:
         >>> consolidate(ckpt.uri)["w"].shape
         torch.Size([2, 2])
     """
-    reader = StateReader(open_checkpoint(uri))
+    reader = StateReader(open_checkpoint(uri, options=options))
     out = {key[len("model/") :]: reader.full(key) for key in reader.keys("model/")}
     for alias, target in reader.meta.get("aliases", {}).items():
         out[alias] = out[target]

@@ -18,10 +18,17 @@ from forge.errors import ClusterError, ConfigError
 
 CONFIGS = Path(CONFIG_DIR)
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+# Groups of the training config (train.yaml's defaults); others (export/, ...) belong to verbs
+# and are validated by those verbs' tests.
+TRAIN_GROUPS = {
+    next(iter(entry)).split("/")[-1]
+    for entry in OmegaConf.to_container(OmegaConf.load(CONFIGS / "train.yaml"))["defaults"]
+    if isinstance(entry, dict)
+}
 GROUP_OPTIONS = sorted(
     (group.name, option.stem)
     for group in CONFIGS.iterdir()
-    if group.is_dir() and group.name not in {"hydra", "experiment"}
+    if group.is_dir() and group.name in TRAIN_GROUPS - {"hydra", "experiment"}
     for option in group.glob("*.yaml")
 )
 
