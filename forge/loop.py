@@ -166,7 +166,8 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
     torch.manual_seed(spec.seed + 1 + ctx.rank)
 
     ck = spec.checkpoint
-    if ck.monitor is not None and recipe.val_data is None:
+    has_val = feed.table.has_val if feed is not None else recipe.val_data is not None
+    if ck.monitor is not None and not has_val:
         raise ConfigError(
             f"checkpoint.monitor={ck.monitor} ranks checkpoints by a validation metric, but "
             f"recipe {spec.recipe.name} has no val_data, so no checkpoint would ever be ranked. "
@@ -224,10 +225,11 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
         if feed is not None:
             if not feed.table.has_val:
                 return {}
-            return run_eval(recipe, model, spec, ctx, batches=feed.val_batches())
-        if recipe.val_data is None:
+            metrics = run_eval(recipe, model, spec, ctx, batches=feed.val_batches())
+        elif recipe.val_data is None:
             return {}
-        metrics = run_eval(recipe, model, spec, ctx)
+        else:
+            metrics = run_eval(recipe, model, spec, ctx)
         if ck.monitor is not None and metrics and ck.monitor not in metrics:
             raise ConfigError(
                 f"checkpoint.monitor={ck.monitor} is not a metric of recipe "
