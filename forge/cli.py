@@ -151,9 +151,13 @@ def _hydra_main() -> None:
 
     @hydra.main(config_path=CONFIG_DIR, config_name=CONFIG_NAME, version_base="1.3")
     def run(cfg: DictConfig) -> None:
+        from omegaconf import OmegaConf
+
         from forge.api import train
 
-        overrides = list(HydraConfig.get().overrides.task)
+        # Unresolved: iterating the ListConfig would resolve ${oc.env:...} into the secret.
+        overrides = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
+        assert isinstance(overrides, list)
         console = make_console()
         _exit_on_error(console, lambda: train(cfg, overrides=overrides, console=console))
 

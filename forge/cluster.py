@@ -16,8 +16,14 @@ from forge.errors import ClusterError
 def ray_session(spec: RaySpec, verbose: bool = False) -> Iterator[None]:
     """Join the cluster at ``ray.address``, or start an embedded one and stop it afterwards.
 
-    If Ray is already initialized in this process (a notebook, a test session, a Ray job), that
-    connection is used as is and left running.
+    ``ray.address=null`` always starts forge's own local Ray (``ray.init(address="local")``),
+    even when ``RAY_ADDRESS`` is set or another cluster runs on this machine: a bare
+    ``ray.init()`` would join that one. ``auto`` joins the cluster running here (or the one
+    ``RAY_ADDRESS`` names). If Ray is already initialized in this process (a notebook, a test
+    session, a Ray job), that connection is used as is and left running.
+
+    Raises:
+        ClusterError: Ray could not start or connect, in one paragraph (never Ray's traceback).
     """
     import ray
 
@@ -36,27 +42,46 @@ def ray_session(spec: RaySpec, verbose: bool = False) -> Iterator[None]:
         "logging_level": logging.INFO if verbose else logging.WARNING,
         "configure_logging": verbose,
     }
-    if spec.address is None:
-        ray.init(
-            num_cpus=spec.num_cpus or os.cpu_count() or 1,
-            include_dashboard=False,
-            **common,
-        )
+    embedded = spec.address in (None, "local")
+    if embedded:
+        try:
+            ray.init(
+                address="local",  # never someone else's cluster (RAY_ADDRESS, `ray start`)
+                num_cpus=spec.num_cpus or os.cpu_count() or 1,
+                include_dashboard=False,
+                **common,
+            )
+        except Exception as exc:
+            raise ClusterError(
+                f"ray.address=null: could not start an embedded local Ray ({_first_line(exc)})."
+                " Check free memory and disk space under /tmp (Ray's session folder), or join a "
+                "running cluster with ray.address=auto or ray.address=<host:port>."
+            ) from None
     else:
+        assert spec.address is not None
         _probe(spec.address)
         try:
             ray.init(address=spec.address, **common)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
+        except Exception as exc:
+            found = (
+                "no running Ray cluster was found on this machine (and RAY_ADDRESS is unset)"
+                if spec.address == "auto" and "Could not find any running Ray instance" in str(exc)
+                else f"could not connect to a Ray cluster ({_first_line(exc)})"
+            )
             raise ClusterError(
-                f"ray.address={spec.address}: could not connect to a Ray cluster "
-                f"({str(exc).splitlines()[0]}). Start one with `ray start --head`, pass its "
-                "address, or use ray.address=null to run on an embedded local Ray."
+                f"ray.address={spec.address}: {found}. Start one with `ray start --head`, pass "
+                "its address, or use ray.address=null to run on an embedded local Ray."
             ) from None
     try:
         yield
     finally:
-        if spec.address is None:
+        if embedded:
             ray.shutdown()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
 def _probe(address: str, timeout_s: float = 5.0) -> None:

@@ -37,6 +37,7 @@ from forge.precision import autocast
 from forge.recipe import Recipe, build_params, import_recipe_module
 from forge.strategies import make_strategy
 from forge.strategies.memory import memory_events, peak_event, peak_memory
+from forge.train_loss import AllReduceAsync, TrainLossWindow, all_reduce_now
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,10 @@ class WorkerContext:
             also a barrier.
         on_progress: Called on rank 0 with progress events for the driver's console.
         report: Called on every rank with metrics for Ray (end of run, validations).
+        driver_alive: Optional ``() -> bool``: whether the driver still runs (a Ray-side
+            signal); checked, with the run lock, before each commit.
+        all_reduce_sum_async: Starts ``all_reduce_sum`` without waiting and returns the
+            function that waits for it (None: the blocking ``all_reduce_sum``).
     """
 
     rank: int = 0
@@ -65,6 +70,8 @@ class WorkerContext:
     gather: Callable[[Any], list[Any] | None] = lambda obj: [obj]
     on_progress: Callable[[dict[str, Any]], None] = lambda event: None
     report: Callable[[dict[str, Any]], None] = lambda metrics: None
+    driver_alive: Callable[[], bool] | None = None
+    all_reduce_sum_async: AllReduceAsync | None = None
 
 
 @dataclass
@@ -159,7 +166,8 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
     torch.manual_seed(spec.seed + 1 + ctx.rank)
 
     ck = spec.checkpoint
-    if ck.monitor is not None and recipe.val_data is None:
+    has_val = feed.table.has_val if feed is not None else recipe.val_data is not None
+    if ck.monitor is not None and not has_val:
         raise ConfigError(
             f"checkpoint.monitor={ck.monitor} ranks checkpoints by a validation metric, but "
             f"recipe {spec.recipe.name} has no val_data, so no checkpoint would ever be ranked. "
@@ -172,6 +180,7 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
         ck.mode,
         keep_best=ck.keep_best,
         options=StorageOptions.from_spec(spec.storage),
+        fence=commit_fence_for(spec, plan, ctx),
     )
     if is_main:  # before anyone writes: leftovers of a crashed attempt (the driver holds the lock)
         store.clean_uncommitted()
@@ -216,10 +225,11 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
         if feed is not None:
             if not feed.table.has_val:
                 return {}
-            return run_eval(recipe, model, spec, ctx, batches=feed.val_batches())
-        if recipe.val_data is None:
+            metrics = run_eval(recipe, model, spec, ctx, batches=feed.val_batches())
+        elif recipe.val_data is None:
             return {}
-        metrics = run_eval(recipe, model, spec, ctx)
+        else:
+            metrics = run_eval(recipe, model, spec, ctx)
         if ck.monitor is not None and metrics and ck.monitor not in metrics:
             raise ConfigError(
                 f"checkpoint.monitor={ck.monitor} is not a metric of recipe "
@@ -275,8 +285,21 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
         )
 
     step_times: list[float] = []
-    loss_sum = torch.zeros(2, device=ctx.device)  # (sum of losses, count) since the last log
-    step_loss = torch.zeros(2, device=ctx.device)  # the same, for the step in progress
+    # The logged loss is reduced across ranks asynchronously and written one log step later
+    # (or at the next validation/checkpoint): reading it never stalls a step.
+    train_loss = TrainLossWindow(
+        ctx.device, ctx.all_reduce_sum_async or all_reduce_now(ctx.all_reduce_sum)
+    )
+    step_loss = torch.zeros(2, device=ctx.device)  # (sum of losses, count) of the step in progress
+
+    def log_train(done: tuple[int, dict[str, Any]] | None) -> None:
+        if done is None:
+            return
+        step, row = done
+        if metrics_writer is not None:
+            metrics_writer.log(step, row)
+        ctx.on_progress({"event": "log", "step": step, **row})
+
     last_val: dict[str, float] = {}
     last_val_step = -1
     start_step = state.step
@@ -321,7 +344,7 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
                 if not skip_nonfinite:
                     guard.end_step(loss=step_loss[0])
                 strategy.optimizer_step(model, optimizer, trainer.gradient_clip_val)
-                loss_sum += step_loss
+                train_loss.add_sums(step_loss)
             step_loss.zero_()
             step_lr = scheduler.get_last_lr()[0]  # what this step trained with, for its row
             scheduler.step()
@@ -335,13 +358,9 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
 
             if state.step % trainer.log_every_n_steps == 0 or state.step == total_steps:
                 check_finite()  # the loop syncs here anyway
-                ctx.all_reduce_sum(loss_sum)
-                row = {
-                    # nan only when every step since the last row was skipped
-                    "train/loss": (loss_sum[0] / loss_sum[1]).item(),
-                    "lr": step_lr,
-                    "epoch": state.epoch,
-                }
+                # train/loss comes with the next log step: nan only when every step of its
+                # window was skipped
+                row = {"lr": step_lr, "epoch": state.epoch}
                 recent = step_times[-trainer.log_every_n_steps :]
                 step_s = sum(recent) / len(recent)
                 samples = spec.data.batch_size * trainer.accumulate_grad_batches * ctx.world_size
@@ -350,18 +369,18 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
                     row["throughput/tokens_per_s"] = samples * recipe.tokens_per_sample / step_s
                 if skip_nonfinite:
                     row["train/skipped_steps"] = guard.skipped
-                loss_sum.zero_()
-                if metrics_writer is not None:
-                    metrics_writer.log(state.step, row)
-                ctx.on_progress({"event": "log", "step": state.step, **row})
+                log_train(train_loss.end_window(state.step, row))
 
             every = spec.checkpoint.every_n_steps
             save_now = bool(every) and state.step % every == 0 and state.step < total_steps
             # A checkpoint is ranked only by metrics of its own weights: with a monitor, every
             # checkpoint step is validated too (not only the val_every_n_steps grid).
-            if (trainer.val_every_n_steps and state.step % trainer.val_every_n_steps == 0) or (
-                save_now and ck.monitor is not None
-            ):
+            validate_now = bool(trainer.val_every_n_steps) and (
+                state.step % trainer.val_every_n_steps == 0
+            )
+            if validate_now or save_now:
+                log_train(train_loss.flush())  # rows stay in step order
+            if validate_now or (save_now and ck.monitor is not None):
                 last_val, last_val_step = evaluate(), state.step
                 if last_val and metrics_writer is not None:
                     metrics_writer.log(state.step, last_val)
@@ -374,6 +393,7 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
             if state.step >= total_steps:
                 break
 
+    log_train(train_loss.flush())
     if ckpt is not None and state.step == start_step:
         # Nothing left to train (a finished run started again): report its last checkpoint's
         # metrics; evaluating again would log a second row for a step already logged.
@@ -475,6 +495,24 @@ def rng_state() -> dict[str, torch.Tensor]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["torch_cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+def commit_fence_for(
+    spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext
+) -> Callable[[], None] | None:
+    """The check rank 0 runs before each commit: this run still holds its lock, and its
+    driver is alive (:func:`forge.checkpoint.lock.commit_fence`); None when not fenced."""
+    if plan.lock_token is None:
+        return None
+    from forge.checkpoint.lock import commit_fence
+
+    return commit_fence(
+        plan.run_uri,
+        plan.lock_token,
+        options=StorageOptions.from_spec(spec.storage),
+        stale_after_s=spec.storage.lock_stale_after_s,
+        driver_alive=ctx.driver_alive,
+    )
 
 
 def make_streamer(
