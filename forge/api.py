@@ -116,7 +116,7 @@ def train(
     secrets = env_secrets(config)
     console = console or make_console()
     try:
-        return _train(config, overrides, console, launch_time, secrets)
+        return _train(config, overrides, console, launch_time, secrets, on_progress)
     except ForgeError as exc:
         if not secrets:
             raise
@@ -129,6 +129,7 @@ def _train(
     console: Console,
     launch_time: float,
     secrets: Sequence[str] = (),
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     from forge.cluster import check_resources, check_storage_shared, ray_session
     from forge.launch import launch
