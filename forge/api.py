@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,11 +21,26 @@ from forge.checkpoint.lock import RunLock
 from forge.checkpoint.storage import StorageOptions
 from forge.checkpoint.store import CheckpointStore, open_checkpoint
 from forge.config.compose import compose
+from forge.config.overrides import hydra_value, overrides_for, without_keys
+from forge.config.resume import (
+    check_resume_config,
+    describe_changes,
+    record_resume,
+    run_folder_of,
+)
+from forge.config.resume import saved_config as saved_config_of
 from forge.config.specs import LaunchPlan, RunSpec
 from forge.config.validate import to_run_spec
-from forge.errors import ConfigError
+from forge.errors import CheckpointError, ConfigError, ForgeError
 from forge.progress import make_console
-from forge.run_folder import config_hash, git_state, redacted_config, write_provenance
+from forge.run_folder import (
+    config_hash,
+    env_secrets,
+    git_state,
+    redacted_config,
+    scrub,
+    write_provenance,
+)
 from forge.strategies.preflight import check_available, check_resumable
 
 
@@ -62,6 +77,7 @@ def train(
     *,
     overrides: Sequence[str] | None = None,
     console: Console | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     """Train a recipe on Ray and return the result.
 
@@ -69,8 +85,12 @@ def train(
         config: A composed config (from :func:`forge.compose`) or a list of Hydra overrides.
             None trains the default experiment.
         overrides: The overrides that produced ``config`` (recorded in the run folder and the
-            resume command); taken from ``config`` when it is a list.
+            resume command); taken from ``config`` when it is a list. For a config without
+            them, the ones :func:`forge.compose` remembered, or else every difference from the
+            default config, so the printed resume command composes this same config.
         console: Where progress and the summary go (stderr by default).
+        on_progress: Also called with every progress event from rank 0 (validations,
+            committed checkpoints, ...); a sweep trial reports them to Tune from here.
 
     Returns:
         A :class:`RunResult`.
@@ -85,19 +105,39 @@ def train(
         >>> result.global_step  # doctest: +SKIP
         20
     """
-    from forge.cluster import check_resources, check_storage_shared, ray_session
-    from forge.launch import launch
-    from forge.progress import ConsoleProgress, print_summary
-
     launch_time = time.time()
     if config is None or not isinstance(config, DictConfig):
         overrides = list(config or []) if overrides is None else list(overrides)
         config = compose(overrides)
-    overrides = list(overrides or [])
+    elif overrides is None:
+        overrides = overrides_for(config)
+    overrides = list(overrides)
+    # Values read from the environment never reach a message or a console line in clear.
+    secrets = env_secrets(config)
+    console = console or make_console()
+    try:
+        return _train(config, overrides, console, launch_time, secrets, on_progress)
+    except ForgeError as exc:
+        if not secrets:
+            raise
+        raise type(exc)(scrub(str(exc), secrets)) from None
+
+
+def _train(
+    config: DictConfig,
+    overrides: list[str],
+    console: Console,
+    launch_time: float,
+    secrets: Sequence[str] = (),
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> RunResult:
+    from forge.cluster import check_resources, check_storage_shared, ray_session
+    from forge.launch import launch
+    from forge.progress import ConsoleProgress, print_summary
+
     spec = to_run_spec(config)
     saved_config = redacted_config(config)
     plan, notice = plan_run(spec, saved_config, launch_time)
-    console = console or make_console()
     if notice:
         console.print(notice)
     # The data pass (forge.data): bad data is refused here, before any worker starts.
@@ -116,10 +156,20 @@ def train(
         break_lock=spec.storage.break_lock,
         description=f"recipe {spec.recipe.name}",
     )
+    # Workers commit only while this lock is still the run's (see forge.checkpoint.lock.fence).
+    plan = plan.model_copy(update={"lock_token": lock.info["token"]})
     with lock, ray_session(spec.ray, spec.verbose):
         check_resources(spec.scaling)
         check_storage_shared(spec.storage)
         git_sha, dirty = git_state()
+        if plan.resumed_checkpoint is not None:
+            record_resume(
+                plan.run_uri,
+                plan.resumed_checkpoint,
+                plan.resumed_step or 0,
+                dict(plan.changes),
+                lock.options,
+            )
         write_provenance(
             plan.run_uri,
             saved_config,
@@ -142,8 +192,18 @@ def train(
             f"{spec.strategy.name} over {spec.scaling.backend}, run folder {plan.run_uri}"
         )
         progress = ConsoleProgress(console)
+
+        def show(event: dict[str, Any]) -> None:  # workers' warnings may quote a secret
+            if secrets:
+                event = {
+                    k: scrub(v, secrets) if isinstance(v, str) else v for k, v in event.items()
+                }
+            progress(event)
+            if on_progress is not None:
+                on_progress(event)
+
         try:
-            summary = launch(spec, plan, progress)
+            summary = launch(spec, plan, show)
         finally:
             progress.close()
     result = RunResult(
@@ -174,8 +234,10 @@ def plan_run(
     Returns the plan and an optional notice for the console.
 
     Raises:
-        ConfigError: Storage unreachable, a missing bucket, missing credentials, or a run
-            folder that must not be written to; all before any worker starts.
+        ConfigError: Storage unreachable or not writable, a missing bucket, missing
+            credentials, a run folder that must not be written to, a ``resume=`` that is not a
+            committed checkpoint, or one of another recipe or model; all before any worker
+            starts.
     """
     root = storage.normalize(spec.storage.uri)
     options = StorageOptions.from_spec(spec.storage)
@@ -195,8 +257,10 @@ def plan_run(
                 "starting a new run."
             )
     elif spec.resume is not None:
-        # fails now if it is not committed
-        resume_from = open_checkpoint(spec.resume, options=options).uri
+        try:  # fails now if it is not committed
+            resume_from = open_checkpoint(spec.resume, options=options).uri
+        except CheckpointError as exc:  # a wrong value of resume=: a configuration error
+            raise ConfigError(f"resume: {exc}") from None
     if run_name is None:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(launch_time))
         run_name = f"{spec.recipe.name}-{stamp}"
@@ -213,8 +277,15 @@ def plan_run(
         resuming = CheckpointStore(run_uri, options=options).latest(False)
     else:
         resuming = open_checkpoint(resume_from, False, options) if resume_from else None
+    changes: dict[str, Any] = {}
     if resuming is not None:  # an impossible reshard fails here, not on a worker
         check_resumable(spec, resuming.uri, resuming.manifest)
+        before = saved_config_of(run_folder_of(resuming.uri), options)
+        if before is not None:  # another recipe or model is refused, naming the keys
+            changes = check_resume_config(before, saved_config, resuming.uri)
+        if changes:
+            changed = f"changed on resume (recorded in resumes.json): {describe_changes(changes)}"
+            notice = f"{notice}\n{changed}" if notice else changed
     git_sha, _ = git_state()
     plan = LaunchPlan(
         run_uri=run_uri,
@@ -222,6 +293,9 @@ def plan_run(
         config_hash=config_hash(saved_config),
         git_sha=git_sha,
         launch_time=launch_time,
+        resumed_checkpoint=resuming.uri if resuming is not None else None,
+        resumed_step=resuming.step if resuming is not None else None,
+        changes={k: list(v) for k, v in changes.items()},
     )
     return plan, notice
 
@@ -254,13 +328,24 @@ def redact_overrides(overrides: Sequence[str]) -> list[str]:
     """
     out = []
     for item in overrides:
-        key, sep, _ = item.partition("=")
-        out.append(f"{key}=<redacted>" if sep and _SECRET_KEY.search(key) else item)
+        key, sep, value = item.partition("=")
+        # ${oc.env:...} text is no secret (the environment holds it): kept, so it composes again.
+        from_env = value.startswith("${oc.env:") and value.endswith("}")
+        secret = sep and _SECRET_KEY.search(key) and not from_env
+        out.append(f"{key}=<redacted>" if secret else item)
     return out
 
 
 def resume_command(overrides: Sequence[str], run_uri: str) -> str:
-    """``python -m forge <same overrides> run_name=<this run> resume=auto``."""
-    keep = [o for o in redact_overrides(overrides) if not o.startswith(("resume=", "run_name="))]
+    """``python -m forge <same overrides> run_name=<this run> resume=auto``, quoted for a POSIX
+    shell (and the run name for Hydra's grammar), so that pasting it resumes the run.
+
+    Example:
+        >>> print(resume_command(["optim.lr=0.01"], "runs/lr=0.001"))
+        python -m forge optim.lr=0.01 'run_name="lr=0.001"' resume=auto
+    """
+    keep = without_keys(redact_overrides(overrides), {"resume", "run_name"})
     name = run_uri.rstrip("/").rsplit("/", 1)[-1]
-    return shlex.join(["python", "-m", "forge", *keep, f"run_name={name}", "resume=auto"])
+    return shlex.join(
+        ["python", "-m", "forge", *keep, f"run_name={hydra_value(name)}", "resume=auto"]
+    )

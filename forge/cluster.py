@@ -16,8 +16,14 @@ from forge.errors import ClusterError
 def ray_session(spec: RaySpec, verbose: bool = False) -> Iterator[None]:
     """Join the cluster at ``ray.address``, or start an embedded one and stop it afterwards.
 
-    If Ray is already initialized in this process (a notebook, a test session, a Ray job), that
-    connection is used as is and left running.
+    ``ray.address=null`` always starts forge's own local Ray (``ray.init(address="local")``),
+    even when ``RAY_ADDRESS`` is set or another cluster runs on this machine: a bare
+    ``ray.init()`` would join that one. ``auto`` joins the cluster running here (or the one
+    ``RAY_ADDRESS`` names). If Ray is already initialized in this process (a notebook, a test
+    session, a Ray job), that connection is used as is and left running.
+
+    Raises:
+        ClusterError: Ray could not start or connect, in one paragraph (never Ray's traceback).
     """
     import ray
 
@@ -36,27 +42,46 @@ def ray_session(spec: RaySpec, verbose: bool = False) -> Iterator[None]:
         "logging_level": logging.INFO if verbose else logging.WARNING,
         "configure_logging": verbose,
     }
-    if spec.address is None:
-        ray.init(
-            num_cpus=spec.num_cpus or os.cpu_count() or 1,
-            include_dashboard=False,
-            **common,
-        )
+    embedded = spec.address in (None, "local")
+    if embedded:
+        try:
+            ray.init(
+                address="local",  # never someone else's cluster (RAY_ADDRESS, `ray start`)
+                num_cpus=spec.num_cpus or os.cpu_count() or 1,
+                include_dashboard=False,
+                **common,
+            )
+        except Exception as exc:
+            raise ClusterError(
+                f"ray.address=null: could not start an embedded local Ray ({_first_line(exc)})."
+                " Check free memory and disk space under /tmp (Ray's session folder), or join a "
+                "running cluster with ray.address=auto or ray.address=<host:port>."
+            ) from None
     else:
+        assert spec.address is not None
         _probe(spec.address)
         try:
             ray.init(address=spec.address, **common)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
+        except Exception as exc:
+            found = (
+                "no running Ray cluster was found on this machine (and RAY_ADDRESS is unset)"
+                if spec.address == "auto" and "Could not find any running Ray instance" in str(exc)
+                else f"could not connect to a Ray cluster ({_first_line(exc)})"
+            )
             raise ClusterError(
-                f"ray.address={spec.address}: could not connect to a Ray cluster "
-                f"({str(exc).splitlines()[0]}). Start one with `ray start --head`, pass its "
-                "address, or use ray.address=null to run on an embedded local Ray."
+                f"ray.address={spec.address}: {found}. Start one with `ray start --head`, pass "
+                "its address, or use ray.address=null to run on an embedded local Ray."
             ) from None
     try:
         yield
     finally:
-        if spec.address is None:
+        if embedded:
             ray.shutdown()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
 def _probe(address: str, timeout_s: float = 5.0) -> None:
@@ -98,10 +123,7 @@ def check_resources(scaling: ScalingSpec) -> None:
             "scaling.use_gpu=true, but this Ray cluster has no GPUs. Set scaling.use_gpu=false "
             "to train on CPU, or connect to a cluster with GPUs (ray.address=...)."
         )
-    fits = 0
-    for node in nodes:
-        res = node["Resources"]
-        fits += int(min(res.get(k, 0) / v for k, v in per_worker.items()) + 1e-9)
+    fits = workers_that_fit(scaling, nodes)
     if fits < scaling.num_workers:
         total_cpus = sum(n["Resources"].get("CPU", 0) for n in nodes)
         need = ", ".join(f"{v:g} {k}" for k, v in per_worker.items())
@@ -112,6 +134,22 @@ def check_resources(scaling: ScalingSpec) -> None:
             f"scaling.num_workers to {max(fits, 1)}, lower scaling.cpus_per_worker"
             f"{' or scaling.gpus_per_worker' if scaling.use_gpu else ''}, or add nodes."
         )
+
+
+def workers_that_fit(scaling: ScalingSpec, nodes: list[dict] | None = None) -> int:
+    """How many workers of this shape the live nodes can hold at once (each on one node)."""
+    import ray
+
+    per_worker = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        per_worker["GPU"] = scaling.gpus_per_worker
+    if nodes is None:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+    fits = 0
+    for node in nodes:
+        res = node["Resources"]
+        fits += int(min(res.get(k, 0) / v for k, v in per_worker.items()) + 1e-9)
+    return fits
 
 
 def check_storage_shared(storage: StorageSpec) -> None:

@@ -1,4 +1,13 @@
-"""Specs -> Ray Train: the one module that builds a TorchTrainer and runs it."""
+"""Specs -> Ray Train: the one module that builds a TorchTrainer and runs it.
+
+Restarts are forge's, not Ray's: Ray Train runs each attempt with ``max_failures=0`` and forge
+decides whether to run another (:func:`run_with_restarts`). Only a failure that a restart can fix
+is retried: a worker process or node that died (killed, out of memory, preempted, a failed
+health check). A configuration error, an exception from recipe code, a checkpoint that could
+not be saved (``storage.on_outage=fail`` after the retry budget), a lost run lock, a hang that
+timed out: those would fail the same way again, so the run ends at once with that first, real
+message (and a hang's timeouts are waited out once, not once per restart).
+"""
 
 from __future__ import annotations
 
@@ -8,21 +17,114 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from forge.config.specs import LaunchPlan, RunSpec
 from forge.errors import ForgeError, TrainingError
 
 ProgressFn = Callable[[dict[str, Any]], None]
+T = TypeVar("T")
+
+# Failures that mean "a process or node went away", by class name (Ray's exception classes
+# move between modules across versions; the names are stable). Everything else is
+# deterministic as far as forge can tell, and is not retried.
+_RESTARTABLE = {
+    "RayActorError",
+    "ActorDiedError",
+    "ActorUnavailableError",
+    "NodeDiedError",
+    "WorkerCrashedError",
+    "LocalRayletDiedError",
+    "OutOfMemoryError",
+    "ObjectLostError",
+    "OwnerDiedError",
+    "PreemptionError",
+    "WorkerHealthCheckFailedError",
+}
 
 
 def launch(spec: RunSpec, plan: LaunchPlan, on_progress: ProgressFn) -> dict[str, Any]:
     """Run ``spec`` on the connected Ray cluster; returns rank 0's final summary.
 
+    A lost worker or node restarts the worker group (it resumes from the run's newest
+    committed checkpoint), up to ``trainer.max_failures`` times; other failures end the run.
+
     Raises:
         ForgeError: re-raised as is when a worker raised one (e.g. a ConfigError).
-        TrainingError: any other worker failure, with the root cause in one paragraph.
+        TrainingError: any other worker failure, with the root cause in one paragraph, or the
+            restarts ran out.
     """
+
+    def restarting(count: int, failure: ForgeError) -> None:
+        limit = "unlimited" if spec.trainer.max_failures < 0 else spec.trainer.max_failures
+        on_progress(
+            {
+                "event": "warning",
+                "message": f"a worker was lost ({failure}); restart {count} of {limit}, from "
+                "the newest committed checkpoint",
+            }
+        )
+
+    return run_with_restarts(
+        lambda: _fit_once(spec, plan, on_progress), spec.trainer.max_failures, restarting
+    )
+
+
+def run_with_restarts(
+    attempt: Callable[[], T],
+    max_failures: int,
+    on_restart: Callable[[int, ForgeError], None] = lambda n, e: None,
+) -> T:
+    """Call ``attempt`` until it succeeds; retry only failures a restart can fix.
+
+    Args:
+        attempt: One run of the worker group; raises what ``trainer.fit()`` raised.
+        max_failures: Restarts allowed (``trainer.max_failures``); -1 is unlimited.
+        on_restart: Told the restart number and the failure before each restart.
+
+    Raises:
+        ForgeError: The first failure that is not restartable, as the worker raised it (or a
+            TrainingError summarizing it); or a TrainingError once restarts ran out.
+
+    Example:
+        >>> run_with_restarts(lambda: 1 / 0, max_failures=2)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        forge.errors.TrainingError: Training failed on a worker: ZeroDivisionError: ...
+    """
+    restarts = 0
+    while True:
+        try:
+            return attempt()
+        except Exception as exc:  # Ray wraps worker errors; show the cause, not the wrapping
+            failure = unwrap_failure(exc)
+            if not is_restartable(exc):
+                raise failure from None
+            if 0 <= max_failures <= restarts:
+                raise TrainingError(
+                    f"Training gave up after {restarts} restart(s) (trainer.max_failures="
+                    f"{max_failures}); the last failure: {failure} Committed checkpoints are "
+                    "intact: fix the cause (e.g. memory per worker, a flaky node) and resume "
+                    "with resume=auto, or allow more restarts with trainer.max_failures."
+                ) from None
+            restarts += 1
+            on_restart(restarts, failure)
+
+
+def is_restartable(exc: BaseException) -> bool:
+    """Whether a restart can fix ``exc``: some worker process or node went away.
+
+    A worker that died takes its peers' collectives down with it (they fail with connection
+    errors); one death among the failures makes the whole failure restartable.
+
+    Example:
+        >>> is_restartable(RuntimeError("recipe bug"))
+        False
+    """
+    return any(type(e).__name__ in _RESTARTABLE for f in _failures(exc) for e in _cause_chain(f))
+
+
+def _fit_once(spec: RunSpec, plan: LaunchPlan, on_progress: ProgressFn) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
@@ -32,11 +134,13 @@ def launch(spec: RunSpec, plan: LaunchPlan, on_progress: ProgressFn) -> dict[str
     queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
     summary: dict[str, Any] = {}
 
-    def handle(event: dict[str, Any]) -> None:
-        if event.get("event") == "summary":
-            summary.update(event)
-        else:
-            on_progress(event)
+    def handle(item: dict[str, Any] | list[dict[str, Any]]) -> None:
+        # Rank 0 sends its events in batches (forge.progress_sender): one list per queue item.
+        for event in item if isinstance(item, list) else [item]:
+            if event.get("event") == "summary":
+                summary.update(event)
+            else:
+                on_progress(event)
 
     stop = threading.Event()
     pump = threading.Thread(target=_pump, args=(queue, handle, stop), daemon=True)
@@ -49,15 +153,14 @@ def launch(spec: RunSpec, plan: LaunchPlan, on_progress: ProgressFn) -> dict[str
         resources["GPU"] = scaling.gpus_per_worker
     datasets = data_config = None
     if plan.data_table is not None:  # a file source: Ray Data reads it, Ray Train shards it
-        from forge.data.feed import data_cpus, make_datasets
+        from forge.data.feed import check_spare_cpus, make_datasets
 
-        training_cpus = scaling.num_workers * scaling.cpus_per_worker
-        cpus = data_cpus(ray.cluster_resources().get("CPU", 0), training_cpus)
-        datasets = make_datasets(plan.data_table, spec.seed, cpus)
+        check_spare_cpus(
+            ray.cluster_resources().get("CPU", 0), scaling.num_workers, scaling.cpus_per_worker
+        )
+        datasets = make_datasets(plan.data_table, spec.seed)
         # Only "train" is split across workers; every worker evaluates all of "val".
         data_config = ray.train.DataConfig(datasets_to_split=["train"])
-        if cpus == 0:  # Ray Data's budget excludes training's CPUs; its tasks now need none
-            data_config.set_train_total_resources(0, 0)
     trainer = TorchTrainer(
         train_fn,
         datasets=datasets,
@@ -75,14 +178,13 @@ def launch(spec: RunSpec, plan: LaunchPlan, on_progress: ProgressFn) -> dict[str
             # under a unique name so it never "restores" a previous attempt behind forge's back.
             name=f"forge-{uuid.uuid4().hex[:12]}",
             storage_path=os.path.join(tempfile.gettempdir(), "forge-ray-train"),
-            failure_config=ray.train.FailureConfig(max_failures=spec.trainer.max_failures),
+            # forge restarts (run_with_restarts): only what a restart can fix
+            failure_config=ray.train.FailureConfig(max_failures=0),
             worker_runtime_env=recipe_env,
         ),
     )
     try:
         result = trainer.fit()
-    except Exception as exc:  # Ray wraps worker errors; show the cause, not the wrapping
-        raise unwrap_failure(exc) from None
     finally:
         stop.set()
         pump.join(timeout=5)
@@ -91,7 +193,7 @@ def launch(spec: RunSpec, plan: LaunchPlan, on_progress: ProgressFn) -> dict[str
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
     if result.error is not None:
-        raise unwrap_failure(result.error)
+        raise result.error
     summary.pop("event", None)
     return summary
 
@@ -139,8 +241,12 @@ def _drain(queue: Any, on_progress: ProgressFn) -> None:
 
 
 def unwrap_failure(exc: BaseException) -> ForgeError:
-    """The worker's own exception: forge errors as they were raised, others summarized."""
-    root = _root_cause(exc)
+    """The worker's own exception: forge errors as they were raised, others summarized.
+
+    Of several workers' failures, a forge error wins (it names the problem); else the first.
+    """
+    roots = [_root_cause(f) for f in _failures(exc)]
+    root = next((r for r in roots if isinstance(r, ForgeError)), roots[0])
     if isinstance(root, ForgeError):
         return root
     where = ""
@@ -154,20 +260,32 @@ def unwrap_failure(exc: BaseException) -> ForgeError:
     )
 
 
-def _root_cause(exc: BaseException) -> BaseException:
-    seen = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        failures = getattr(exc, "worker_failures", None)  # Ray Train V2 WorkerGroupError
+def _failures(exc: BaseException) -> list[BaseException]:
+    """Each worker's failure (Ray Train V2 WorkerGroupError, by rank), or ``[exc]``."""
+    for e in _cause_chain(exc):
+        failures = getattr(e, "worker_failures", None)
         if failures:
-            exc = next(iter(failures.values()))
-            continue
-        cause = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError
-        if isinstance(cause, BaseException):
-            exc = cause
-            continue
-        if exc.__cause__ is not None:
-            exc = exc.__cause__
-            continue
-        break
-    return exc
+            return [failures[rank] for rank in sorted(failures)]
+    return [exc]
+
+
+def _cause_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps, outermost first."""
+    chain: list[BaseException] = []
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        chain.append(cur)
+        nxt = None
+        for attr in ("health_check_failure", "controller_failure", "_base_exc", "cause"):
+            value = getattr(cur, attr, None)  # Ray Train V2 / ray.exceptions wrappers
+            if isinstance(value, BaseException):
+                nxt = value
+                break
+        cur = nxt if nxt is not None else cur.__cause__
+    return chain
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    return _cause_chain(exc)[-1]

@@ -62,7 +62,13 @@ from forge.checkpoint.streamer import CheckpointStreamer
 from forge.config.specs import LaunchPlan, RunSpec
 from forge.errors import CheckpointError, ConfigError, NonFiniteError, did_you_mean
 from forge.lightning_exact import ValidationSchedule, make_exact
-from forge.loop import WARMUP_STEPS_FOR_TIMING, WorkerContext, make_streamer, rng_state
+from forge.loop import (
+    WARMUP_STEPS_FOR_TIMING,
+    WorkerContext,
+    commit_fence_for,
+    make_streamer,
+    rng_state,
+)
 from forge.nonfinite import NonFiniteGuard
 from forge.recipe import build_params, import_recipe_module
 from forge.strategies.lightning import (
@@ -552,7 +558,13 @@ def run_lightning(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[s
     ck = spec.checkpoint
     options = StorageOptions.from_spec(spec.storage)
     store = CheckpointStore(
-        plan.run_uri, ck.keep_last, ck.monitor, ck.mode, keep_best=ck.keep_best, options=options
+        plan.run_uri,
+        ck.keep_last,
+        ck.monitor,
+        ck.mode,
+        keep_best=ck.keep_best,
+        options=options,
+        fence=commit_fence_for(spec, plan, ctx),
     )
     if is_main:  # before anyone writes: leftovers of a crashed attempt (the driver holds the lock)
         store.clean_uncommitted()

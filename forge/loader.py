@@ -49,6 +49,30 @@ class ShardedSampler(Sampler[int]):
         return self.per_rank - self.skip
 
 
+def check_batch_fits(size: int, spec: DataSpec, world_size: int) -> None:
+    """Refuse a batch larger than each worker's share of a training set of ``size`` samples.
+
+    Runs on the driver before launch when the recipe reports its size (``train_size``), and on
+    every worker as a last line.
+
+    Raises:
+        ConfigError: No full batch exists (``drop_last``), naming both keys.
+
+    Example:
+        >>> from forge.config.specs import DataSpec
+        >>> check_batch_fits(100, DataSpec(batch_size=64), world_size=2)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        forge.errors.ConfigError: the training set has 100 samples: 50 per worker, ...
+    """
+    if size // world_size < spec.batch_size and spec.drop_last:
+        raise ConfigError(
+            f"the training set has {size} samples: {size // world_size} per worker, fewer than "
+            f"data.batch_size={spec.batch_size}, so no full batch exists. Lower data.batch_size "
+            "or scaling.num_workers."
+        )
+
+
 def train_loader(
     dataset: Dataset,
     spec: DataSpec,
@@ -59,12 +83,7 @@ def train_loader(
 ) -> tuple[DataLoader, ShardedSampler]:
     """The training DataLoader for this rank and its sampler (to set epoch and skip)."""
     size = len(dataset)  # type: ignore[arg-type]
-    if size // world_size < spec.batch_size and spec.drop_last:
-        raise ConfigError(
-            f"the training set has {size} samples: {size // world_size} per worker, fewer than "
-            f"data.batch_size={spec.batch_size}, so no full batch exists. Lower data.batch_size "
-            "or scaling.num_workers."
-        )
+    check_batch_fits(size, spec, world_size)
     sampler = ShardedSampler(size, rank, world_size, spec.shuffle, seed)
     loader = DataLoader(
         dataset,

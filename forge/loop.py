@@ -37,6 +37,7 @@ from forge.precision import autocast
 from forge.recipe import Recipe, build_params, import_recipe_module
 from forge.strategies import make_strategy
 from forge.strategies.memory import memory_events, peak_event, peak_memory
+from forge.train_loss import AllReduceAsync, TrainLossWindow, all_reduce_now
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,10 @@ class WorkerContext:
             also a barrier.
         on_progress: Called on rank 0 with progress events for the driver's console.
         report: Called on every rank with metrics for Ray (end of run, validations).
+        driver_alive: Optional ``() -> bool``: whether the driver still runs (a Ray-side
+            signal); checked, with the run lock, before each commit.
+        all_reduce_sum_async: Starts ``all_reduce_sum`` without waiting and returns the
+            function that waits for it (None: the blocking ``all_reduce_sum``).
     """
 
     rank: int = 0
@@ -65,6 +70,8 @@ class WorkerContext:
     gather: Callable[[Any], list[Any] | None] = lambda obj: [obj]
     on_progress: Callable[[dict[str, Any]], None] = lambda event: None
     report: Callable[[dict[str, Any]], None] = lambda metrics: None
+    driver_alive: Callable[[], bool] | None = None
+    all_reduce_sum_async: AllReduceAsync | None = None
 
 
 @dataclass
@@ -159,15 +166,12 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
     torch.manual_seed(spec.seed + 1 + ctx.rank)
 
     ck = spec.checkpoint
-    # A file source validates on its own split (data.val_fraction / data.val_source), not on
-    # the recipe's val_data.
     has_val = feed.table.has_val if feed is not None else recipe.val_data is not None
     if ck.monitor is not None and not has_val:
         raise ConfigError(
             f"checkpoint.monitor={ck.monitor} ranks checkpoints by a validation metric, but "
             f"recipe {spec.recipe.name} has no val_data, so no checkpoint would ever be ranked. "
-            "Give the recipe val_data (or a file source data.val_fraction / data.val_source), "
-            "or remove checkpoint.monitor (~checkpoint.monitor)."
+            "Give the recipe val_data, or remove checkpoint.monitor (~checkpoint.monitor)."
         )
     store = CheckpointStore(
         plan.run_uri,
@@ -176,6 +180,7 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
         ck.mode,
         keep_best=ck.keep_best,
         options=StorageOptions.from_spec(spec.storage),
+        fence=commit_fence_for(spec, plan, ctx),
     )
     if is_main:  # before anyone writes: leftovers of a crashed attempt (the driver holds the lock)
         store.clean_uncommitted()
@@ -220,10 +225,11 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
         if feed is not None:
             if not feed.table.has_val:
                 return {}
-            return run_eval(recipe, model, spec, ctx, batches=feed.val_batches())
-        if recipe.val_data is None:
+            metrics = run_eval(recipe, model, spec, ctx, batches=feed.val_batches())
+        elif recipe.val_data is None:
             return {}
-        metrics = run_eval(recipe, model, spec, ctx)
+        else:
+            metrics = run_eval(recipe, model, spec, ctx)
         if ck.monitor is not None and metrics and ck.monitor not in metrics:
             raise ConfigError(
                 f"checkpoint.monitor={ck.monitor} is not a metric of recipe "
@@ -279,8 +285,21 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
         )
 
     step_times: list[float] = []
-    loss_sum = torch.zeros(2, device=ctx.device)  # (sum of losses, count) since the last log
-    step_loss = torch.zeros(2, device=ctx.device)  # the same, for the step in progress
+    # The logged loss is reduced across ranks asynchronously and written one log step later
+    # (or at the next validation/checkpoint): reading it never stalls a step.
+    train_loss = TrainLossWindow(
+        ctx.device, ctx.all_reduce_sum_async or all_reduce_now(ctx.all_reduce_sum)
+    )
+    step_loss = torch.zeros(2, device=ctx.device)  # (sum of losses, count) of the step in progress
+
+    def log_train(done: tuple[int, dict[str, Any]] | None) -> None:
+        if done is None:
+            return
+        step, row = done
+        if metrics_writer is not None:
+            metrics_writer.log(step, row)
+        ctx.on_progress({"event": "log", "step": step, **row})
+
     last_val: dict[str, float] = {}
     last_val_step = -1
     start_step = state.step
@@ -325,7 +344,7 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
                 if not skip_nonfinite:
                     guard.end_step(loss=step_loss[0])
                 strategy.optimizer_step(model, optimizer, trainer.gradient_clip_val)
-                loss_sum += step_loss
+                train_loss.add_sums(step_loss)
             step_loss.zero_()
             step_lr = scheduler.get_last_lr()[0]  # what this step trained with, for its row
             scheduler.step()
@@ -339,13 +358,9 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
 
             if state.step % trainer.log_every_n_steps == 0 or state.step == total_steps:
                 check_finite()  # the loop syncs here anyway
-                ctx.all_reduce_sum(loss_sum)
-                row = {
-                    # nan only when every step since the last row was skipped
-                    "train/loss": (loss_sum[0] / loss_sum[1]).item(),
-                    "lr": step_lr,
-                    "epoch": state.epoch,
-                }
+                # train/loss comes with the next log step: nan only when every step of its
+                # window was skipped
+                row = {"lr": step_lr, "epoch": state.epoch}
                 recent = step_times[-trainer.log_every_n_steps :]
                 step_s = sum(recent) / len(recent)
                 samples = spec.data.batch_size * trainer.accumulate_grad_batches * ctx.world_size
@@ -354,18 +369,18 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
                     row["throughput/tokens_per_s"] = samples * recipe.tokens_per_sample / step_s
                 if skip_nonfinite:
                     row["train/skipped_steps"] = guard.skipped
-                loss_sum.zero_()
-                if metrics_writer is not None:
-                    metrics_writer.log(state.step, row)
-                ctx.on_progress({"event": "log", "step": state.step, **row})
+                log_train(train_loss.end_window(state.step, row))
 
             every = spec.checkpoint.every_n_steps
             save_now = bool(every) and state.step % every == 0 and state.step < total_steps
             # A checkpoint is ranked only by metrics of its own weights: with a monitor, every
             # checkpoint step is validated too (not only the val_every_n_steps grid).
-            if (trainer.val_every_n_steps and state.step % trainer.val_every_n_steps == 0) or (
-                save_now and ck.monitor is not None
-            ):
+            validate_now = bool(trainer.val_every_n_steps) and (
+                state.step % trainer.val_every_n_steps == 0
+            )
+            if validate_now or save_now:
+                log_train(train_loss.flush())  # rows stay in step order
+            if validate_now or (save_now and ck.monitor is not None):
                 last_val, last_val_step = evaluate(), state.step
                 if last_val and metrics_writer is not None:
                     metrics_writer.log(state.step, last_val)
@@ -378,6 +393,7 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
             if state.step >= total_steps:
                 break
 
+    log_train(train_loss.flush())
     if ckpt is not None and state.step == start_step:
         # Nothing left to train (a finished run started again): report its last checkpoint's
         # metrics; evaluating again would log a second row for a step already logged.
@@ -479,6 +495,24 @@ def rng_state() -> dict[str, torch.Tensor]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["torch_cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+def commit_fence_for(
+    spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext
+) -> Callable[[], None] | None:
+    """The check rank 0 runs before each commit: this run still holds its lock, and its
+    driver is alive (:func:`forge.checkpoint.lock.commit_fence`); None when not fenced."""
+    if plan.lock_token is None:
+        return None
+    from forge.checkpoint.lock import commit_fence
+
+    return commit_fence(
+        plan.run_uri,
+        plan.lock_token,
+        options=StorageOptions.from_spec(spec.storage),
+        stale_after_s=spec.storage.lock_stale_after_s,
+        driver_alive=ctx.driver_alive,
+    )
 
 
 def make_streamer(
@@ -585,7 +619,16 @@ def restore(
     rank: int,
     world_size: int | None = None,
 ) -> LoopState:
-    """Load model/optimizer through the strategy, then schedule, RNG and data position."""
+    """Load model/optimizer through the strategy, then schedule, RNG and data position.
+
+    Hyperparameters come from this run's config, not from the checkpoint's optimizer state: a
+    PBT trial that continues another trial's checkpoint with a mutated lr or weight decay must
+    train with its own values from its first step (for a plain resume they are the same).
+    """
+    configured = [
+        {k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+        for g in optimizer.param_groups
+    ]
     strategy.load_checkpoint(model, optimizer, ckpt)
     saved = dict(ckpt.manifest.state)
     saved_world = ckpt.manifest.world_size
@@ -595,6 +638,16 @@ def restore(
         # rounded down to whole batches: at most one global batch is seen twice, none skipped.
         saved["batch_in_epoch"] = saved["batch_in_epoch"] * saved_world // world_size
     scheduler.last_epoch = saved.pop("scheduler_last_epoch", ckpt.step)
+    for group, hyper, base, factor in zip(
+        optimizer.param_groups,
+        configured,
+        scheduler.base_lrs,
+        scheduler.lr_lambdas,
+        strict=True,
+    ):
+        group.update(hyper)
+        group["initial_lr"] = base  # the configured peak lr, as LambdaLR set it
+        group["lr"] = base * factor(scheduler.last_epoch)  # what LambdaLR.step() computes
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
     rng_file = f"rank{rank}.safetensors"
     if rng_file in ckpt.manifest.files:  # absent when resuming on more workers than saved

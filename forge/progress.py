@@ -127,9 +127,11 @@ def print_summary(console: Console, result: Any) -> None:
         table.add_row("best checkpoint", result.best_checkpoint)
     table.add_row("resume", result.resume_command)
     if result.last_checkpoint:
+        # Every strategy's checkpoint (DDP's full file, FSDP/ZeRO per-rank fragments, Lightning's)
+        # becomes one full-precision state dict this way.
         table.add_row(
             "load weights",
-            f"safetensors.torch.load_file('{result.last_checkpoint}/model.safetensors')",
+            f"forge.checkpoint.consolidate({result.last_checkpoint!r})",
         )
     console.print("[bold green]Training finished[/]")
     console.print(table)

@@ -43,9 +43,7 @@ def redacted_config(cfg: DictConfig) -> dict[str, Any]:
     """
     raw = OmegaConf.to_container(cfg, resolve=False)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    env_names = set(_ENV_INTERPOLATION.findall(json.dumps(raw)))
-    # Short values ("1", "us") would match everywhere and say nothing secret.
-    secrets = [v for n in env_names if len(v := os.environ.get(n.strip(), "")) >= 4]
+    secrets = env_secrets(cfg)
 
     def walk(raw_node: Any, node: Any) -> Any:
         if isinstance(node, dict):
@@ -63,7 +61,37 @@ def redacted_config(cfg: DictConfig) -> dict[str, Any]:
 
     out = walk(raw, resolved)
     out.pop("hydra", None)
+    out.pop("sweep", None)  # configures forge.sweep, not the run (RunSpec has no such key)
     return out
+
+
+def env_secrets(cfg: DictConfig | dict[str, Any]) -> list[str]:
+    """The values that ``${oc.env:NAME}`` interpolations in ``cfg`` read, longest first.
+
+    Values shorter than 4 characters are left out: "1" or "us" would match everywhere and say
+    nothing secret.
+
+    Example:
+        >>> import os; os.environ["FORGE_DOC_KEY"] = "k-123456"
+        >>> env_secrets({"a": "${oc.env:FORGE_DOC_KEY}", "b": 1})
+        ['k-123456']
+    """
+    raw = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
+    env_names = set(_ENV_INTERPOLATION.findall(json.dumps(raw, default=str)))
+    values = {v for n in env_names if len(v := os.environ.get(n.strip(), "")) >= 4}
+    return sorted(values, key=len, reverse=True)
+
+
+def scrub(text: str, secrets: Sequence[str]) -> str:
+    """``text`` with every secret replaced, for messages and console lines.
+
+    Example:
+        >>> scrub("seed='k-123456' is invalid", ["k-123456"])
+        "seed='<redacted: from env>' is invalid"
+    """
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return text
 
 
 def config_hash(config: dict[str, Any]) -> str:

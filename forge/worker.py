@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from forge.config.specs import LaunchPlan, RunSpec
 from forge.loop import WorkerContext
+from forge.progress_sender import BatchedSender
 
 
 class _ForwardWarnings(logging.Handler):
@@ -39,16 +40,22 @@ def train_fn(config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     distributed = world_size > 1 and dist.is_initialized()
 
+    # Rank 0's events go in batches from a background thread: a queue put is a synchronous
+    # round trip to the queue actor that would otherwise stall training at every log step.
+    sender = BatchedSender(queue.put_nowait) if queue is not None and rank == 0 else None
+
     def send(event: dict[str, Any]) -> None:
-        if queue is not None and rank == 0:
-            try:
-                queue.put_nowait(event)
-            except Exception:  # a full or closed queue must never stop training
-                pass
+        if sender is not None:
+            sender(event)
 
     def all_reduce_sum(tensor: torch.Tensor) -> None:
         if distributed:
             dist.all_reduce(tensor)
+
+    def all_reduce_sum_async(tensor: torch.Tensor) -> Any:
+        if not distributed:
+            return lambda: None
+        return dist.all_reduce(tensor, async_op=True).wait
 
     def gather(obj: Any) -> list[Any] | None:
         if not distributed:
@@ -57,14 +64,32 @@ def train_fn(config: dict[str, Any]) -> None:
         dist.gather_object(obj, out, dst=0)
         return out
 
+    def driver_alive() -> bool:
+        # The progress queue is an actor the driver owns: Ray kills it when the driver dies,
+        # on any node, so a worker of a dead driver finds out before its next commit.
+        if queue is None:
+            return True
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        try:
+            ray.get(queue.actor.qsize.remote(), timeout=10)
+        except RayActorError:
+            return False
+        except (GetTimeoutError, Exception):  # busy or unsure: the lock check still runs
+            return True
+        return True
+
     ctx = WorkerContext(
         rank=rank,
         local_rank=context.get_local_rank(),
         world_size=world_size,
         device=ray.train.torch.get_device(),
         all_reduce_sum=all_reduce_sum,
+        all_reduce_sum_async=all_reduce_sum_async,
         gather=gather,
         on_progress=send,
+        driver_alive=driver_alive,
     )
     if ctx.device.type == "cuda":
         torch.cuda.set_device(ctx.device)
@@ -86,6 +111,8 @@ def train_fn(config: dict[str, Any]) -> None:
     # The summary travels on the progress channel: Ray Train V2 keeps metrics only with
     # checkpoints it uploads itself, and forge's checkpoints never go through Ray.
     send({"event": "summary", **summary})
+    if sender is not None:
+        sender.close()  # every event so far reaches the queue before fit() can return
 
 
 def _record_placement(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> None:

@@ -20,6 +20,10 @@ from torch.utils.data import TensorDataset
 
 import forge
 
+# Params a PBT sweep may change between segments of one run (the model's shapes stay the same;
+# dropout is rebuilt from the new value when a trial continues from another's checkpoint).
+PBT_MUTABLE_PARAMS = ("dropout",)
+
 
 @dataclass
 class Params:
@@ -78,6 +82,13 @@ def eval_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[
         "loss": nn.functional.cross_entropy(logits, labels, reduction="none"),
         "accuracy": (logits.argmax(dim=1) == labels).float(),
     }
+
+
+def train_size(params: Params) -> int:
+    """Training samples for ``params``, without loading data: forge checks ``data.batch_size``
+    against it on the driver, before any worker starts (the split below keeps 1,797 images minus the
+    validation share)."""
+    return 1797 - int(1797 * params.val_fraction)
 
 
 def build(params: Params) -> forge.Recipe:

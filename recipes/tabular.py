@@ -145,6 +145,13 @@ def eval_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[
     }
 
 
+def train_size(params: Params) -> int:
+    """Training samples for ``params``, without loading data: forge checks ``data.batch_size``
+    against it on the driver, before any worker starts (the split below keeps 569 rows minus the
+    validation share)."""
+    return 569 - int(569 * params.val_fraction)
+
+
 def build(params: Params, data: TableInfo | None = None) -> forge.Recipe:
     """Build the model and data; forge calls this once on every worker.
 

@@ -5,7 +5,15 @@ before any worker starts, refreshes a heartbeat in it while the run goes on, and
 the end. A second run on the same folder is refused with a message naming the holder. A lock
 left by a run that died (no heartbeat for ``stale_after_s``) is taken over by ``resume=auto``,
 one whose process is gone from this very host by any run, and ``storage.break_lock=true``
-takes over any lock.
+takes over any lock but one whose process is alive on this host (pid and process start time
+checked): that run is not dead, whatever its heartbeat says.
+
+A lock can still be lost (a run on another host took it over after a long stall). So the lock
+also *fences* commits: :func:`commit_fence` gives rank 0 a check that runs right before each
+manifest is written, and refuses the commit (:class:`LockLostError`) when the lock no longer
+holds this run's token, or when the driver that holds it is gone (its pid, on this host; a
+Ray-side liveness check, or a stale heartbeat, elsewhere). Workers of a killed driver thus stop
+before they commit anything a new run could mix with its own.
 """
 
 from __future__ import annotations
@@ -21,11 +29,17 @@ from typing import Any
 
 from forge.checkpoint import storage
 from forge.checkpoint.storage import StorageOptions
-from forge.errors import ConfigError
+from forge.config.specs import LOCK_HEARTBEAT_S
+from forge.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "_forge.lock"
+
+
+class LockLostError(CheckpointError):
+    """This run no longer holds its run folder's lock (or its driver is gone): nothing more
+    may be committed."""
 
 
 class RunLock:
@@ -58,7 +72,7 @@ class RunLock:
         stale_after_s: float = 300.0,
         take_over_stale: bool = False,
         break_lock: bool = False,
-        heartbeat_s: float | None = 30.0,
+        heartbeat_s: float | None = LOCK_HEARTBEAT_S,
         description: str = "",
     ) -> RunLock:
         """Take the lock of ``run_uri`` or raise ConfigError naming the run that holds it.
@@ -78,6 +92,7 @@ class RunLock:
             "token": uuid.uuid4().hex,
             "host": platform.node(),
             "pid": os.getpid(),
+            "pid_started": _process_start(os.getpid()),
             "started_at": now,
             "heartbeat_at": now,
             "description": description,
@@ -92,6 +107,13 @@ class RunLock:
             if held.get("token") == info["token"]:
                 break  # our own write, answered 412 on a retry after a lost response
             age = time.time() - float(held.get("heartbeat_at", 0))
+            if _holder_is_alive_here(held):
+                raise ConfigError(
+                    f"{run_uri} is in use by another forge run that is alive on this host "
+                    f"({_holder(held)}, last heartbeat {age:.0f} s ago): it is never taken over, "
+                    "whatever storage.break_lock or storage.lock_stale_after_s say. Wait for it "
+                    f"to finish, stop it (kill {held.get('pid')}), or use another run_name."
+                )
             if break_lock or (take_over_stale and age > stale_after_s) or _holder_is_dead(held):
                 log.warning(
                     "Taking over the lock of %s from %s (last heartbeat %.0f s ago; %s).",
@@ -169,17 +191,103 @@ class RunLock:
                 log.info("lock heartbeat of %s failed: %s", self.uri, exc)
 
 
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # Field 22; the command name (field 2) may hold spaces, so count from its ')'.
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_state(info: dict[str, Any]) -> str:
+    """'alive', 'dead' or 'unknown' (another host, or no pid) for the holder in ``info``."""
+    pid = info.get("pid")
+    if info.get("host") != platform.node() or not isinstance(pid, int):
+        return "unknown"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return "dead"
+    except OSError:  # exists, owned by another user
+        pass
+    started = info.get("pid_started")
+    if started is not None and _process_start(pid) not in (None, started):
+        return "dead"  # the pid now names another process
+    return "alive"
+
+
 def _holder_is_dead(info: dict[str, Any]) -> bool:
     """True when the lock was taken on this host by a process that no longer exists."""
-    if info.get("host") != platform.node() or not isinstance(info.get("pid"), int):
-        return False
-    try:
-        os.kill(info["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return False
+    return _pid_state(info) == "dead"
+
+
+def _holder_is_alive_here(info: dict[str, Any]) -> bool:
+    """True when the lock's holder is a live process on this host."""
+    return _pid_state(info) == "alive"
+
+
+def commit_fence(
+    run_uri: str,
+    token: str,
+    *,
+    options: StorageOptions | None = None,
+    stale_after_s: float = 300.0,
+    driver_alive: Any = None,
+) -> Any:
+    """A check to run right before each commit: raises :class:`LockLostError` when the run
+    folder's lock no longer belongs to the run with ``token``, or its driver is gone.
+
+    Args:
+        run_uri: The run folder.
+        token: The driver's lock token (:attr:`forge.config.specs.LaunchPlan.lock_token`).
+        options: How to reach the storage.
+        stale_after_s: Elsewhere than the driver's host, a heartbeat older than this means the
+            driver is gone.
+        driver_alive: Optional ``() -> bool``, a liveness signal of the driver that works
+            across hosts (the worker passes a ping of a Ray actor the driver owns).
+
+    Example:
+        >>> lock = RunLock.acquire("memory://doc-fence/run", heartbeat_s=None)
+        >>> fence = commit_fence("memory://doc-fence/run", lock.info["token"])
+        >>> fence()  # ours: commit
+        >>> lock.release()
+        >>> fence()  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        forge.checkpoint.lock.LockLostError: This run no longer holds the lock ...
+    """
+    uri = storage.join(storage.normalize(run_uri), LOCK_NAME)
+
+    def check() -> None:
+        try:
+            held: dict[str, Any] | None = json.loads(storage.read_bytes(uri, options))
+        except FileNotFoundError:
+            held = None
+        except ValueError:
+            held = {}
+        if held is None or held.get("token") != token:
+            raise LockLostError(
+                f"This run no longer holds the lock {uri} "
+                f"({'taken over by ' + _holder(held) if held else 'it was deleted'}), so it "
+                "stopped before committing more checkpoints into a folder another run may be "
+                "writing. Its committed checkpoints are intact; resume with resume=auto once "
+                "the other run is done, or use another run_name."
+            )
+        state = _pid_state(held)
+        age = time.time() - float(held.get("heartbeat_at", 0))
+        gone = state == "dead" or (state == "unknown" and age > stale_after_s)
+        if not gone and driver_alive is not None and not driver_alive():
+            gone = True
+        if gone:
+            raise LockLostError(
+                f"The driver of this run ({_holder(held)}) is gone, so its workers stopped "
+                "before committing another checkpoint. Committed checkpoints are intact; "
+                "resume with resume=auto."
+            )
+
+    return check
 
 
 def _holder(info: dict[str, Any]) -> str:

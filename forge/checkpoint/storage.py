@@ -8,11 +8,19 @@ retries (every request goes through ``options.retry``, see :mod:`forge.checkpoin
 ``s3://`` objects are written and read by :mod:`forge.checkpoint.s3` (concurrent multipart
 uploads, parallel ranged downloads); listing and deleting go through s3fs. Other schemes
 (``memory://`` in tests, ``gs://``, ...) use fsspec as they are.
+
+Local paths never go through fsspec's URL parsing: to fsspec ``a::b`` chains two URLs, ``*``,
+``?``, ``[`` and ``{`` are globs, and ``#``/``?`` may start a fragment or query, so a folder
+named ``odd::dir`` or ``run[1]`` would silently be written elsewhere or deleted by a pattern.
+They are handled with ``os`` and ``shutil`` instead. Remote URIs are checked up front
+(:func:`check_uri`: scheme, bucket, key) and refused when they hold such characters.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -66,9 +74,75 @@ class StorageOptions:
 DEFAULT_OPTIONS = StorageOptions()
 
 
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# Characters fsspec or a URL parser give a meaning to (chaining, globs, query, fragment):
+# refused in remote URIs, where forge cannot sidestep the parser.
+_URL_SPECIAL = ("::", "*", "?", "[", "]", "{", "}", "#")
+# https://docs.aws.amazon.com/AmazonS3/latest/userguide/bucketnamingrules.html
+_S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def scheme(uri: str) -> str | None:
+    """The URI's scheme (``s3``, ``memory``, ``file``), or None for a plain path.
+
+    Only a leading ``name://`` is a scheme: ``/data/a://b`` and ``odd::dir`` are paths.
+
+    Example:
+        >>> scheme("s3://b/k"), scheme("/data/odd::dir"), scheme("runs/a://b")
+        ('s3', None, None)
+    """
+    match = _SCHEME.match(uri)
+    return match.group(1).lower() if match else None
+
+
 def is_remote(uri: str) -> bool:
     """True for URIs with a scheme other than ``file://``."""
-    return "://" in uri and not uri.startswith("file://")
+    return scheme(uri) not in (None, "file")
+
+
+def check_uri(uri: str) -> str | None:
+    """Why ``uri`` cannot be used as storage, or None when it can.
+
+    Local paths may hold any character but NUL (they are never parsed as URLs). Remote URIs
+    need a scheme fsspec knows, no characters that fsspec reads as chaining, globs, a query or
+    a fragment, and for S3 a valid bucket name.
+
+    Example:
+        >>> check_uri("/data/odd::dir/run[1]") is None
+        True
+        >>> check_uri("s3://Bad_Bucket/runs")  # doctest: +ELLIPSIS
+        "s3://Bad_Bucket/runs: 'Bad_Bucket' is not a valid S3 bucket name ..."
+    """
+    if "\0" in uri:
+        return f"{uri!r}: a path cannot contain a NUL character"
+    name = scheme(uri)
+    if name in (None, "file"):
+        return None
+    from fsspec.registry import known_implementations, registry
+
+    if name not in known_implementations and name not in registry:
+        return (
+            f"{uri}: unknown storage scheme '{name}://'. Use a local path, file://, "
+            "s3://bucket/prefix or another fsspec scheme (memory://, gs://, ...)"
+        )
+    special = [c for c in _URL_SPECIAL if c in uri[len(name) + 3 :]]
+    if special:
+        return (
+            f"{uri}: {' '.join(repr(c) for c in special)} in a remote URI would be read as "
+            "URL chaining, a glob, a query or a fragment, and the data would go elsewhere. "
+            "Use letters, digits, '-', '_', '.', '=' and '/' in bucket, prefix and run_name"
+        )
+    if name in ("s3", "s3a"):
+        bucket, key = split_s3(uri)
+        if not _S3_BUCKET.match(bucket) or ".." in bucket:
+            return (
+                f"{uri}: '{bucket}' is not a valid S3 bucket name (3-63 characters: lowercase "
+                "letters, digits, '.' and '-', starting and ending with a letter or digit). "
+                "Write storage.uri=s3://<bucket>/<prefix>"
+            )
+        if "//" in key:
+            return f"{uri}: an empty path segment ('//') in the key; remove it"
+    return None
 
 
 def is_s3(uri: str) -> bool:
@@ -85,7 +159,7 @@ def normalize(uri: str) -> str:
     """
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
-    if "://" not in uri:
+    if scheme(uri) is None:
         return os.path.abspath(os.path.expanduser(uri))
     return uri.rstrip("/")
 
@@ -185,6 +259,10 @@ def filesystem(
     options = options or DEFAULT_OPTIONS
     if is_s3(uri):
         return _s3fs(options), uri.split("://", 1)[1]
+    if not is_remote(uri):  # never parsed as a URL (see the module docstring)
+        from fsspec.implementations.local import LocalFileSystem
+
+        return LocalFileSystem(), normalize(uri)
     return url_to_fs(uri)
 
 
@@ -195,6 +273,11 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     from fsspec.implementations.local import LocalFileSystem
 
     return isinstance(fs, LocalFileSystem)
+
+
+def _local(uri: str) -> str | None:
+    """The local path of ``uri``, or None for a remote URI; local paths skip fsspec."""
+    return None if is_remote(uri) else normalize(uri)
 
 
 def _retry(options: StorageOptions | None, fn: Any, what: str, cancel: Any = None) -> Any:
@@ -234,14 +317,15 @@ def write_bytes(
             cancel=cancel,
         )
         return
-    fs, path = filesystem(uri, options)
-    if _is_local(fs):
+    path = _local(uri)
+    if path is not None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
         return
+    fs, path = filesystem(uri, options)
 
     def put() -> None:
         parent = path.rsplit("/", 1)[0]
@@ -264,6 +348,10 @@ def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
         client, pool = _boto3(options)
         bucket, key = split_s3(uri)
         return s3.get(client, pool, bucket, key, part_size=options.part_size, policy=options.retry)
+    path = _local(uri)
+    if path is not None:
+        with open(path, "rb") as f:
+            return f.read()
     fs, path = filesystem(uri, options)
     return _retry(options, lambda: fs.cat_file(path), f"read {uri}")
 
@@ -275,20 +363,27 @@ def local_path(uri: str, options: StorageOptions | None = None) -> str | None:
         >>> local_path("/tmp/run/ckpt"), local_path("s3://bucket/run")
         ('/tmp/run/ckpt', None)
     """
-    if is_s3(uri):
-        return None
-    fs, path = filesystem(uri, options)
-    return path if _is_local(fs) else None
+    return _local(uri)
 
 
 def exists(uri: str, options: StorageOptions | None = None) -> bool:
     """Whether anything (an object or a folder) is at ``uri``."""
+    path = _local(uri)
+    if path is not None:
+        return os.path.lexists(path)
     fs, path = filesystem(uri, options)
     return _retry(options, lambda: fs.exists(path), f"stat {uri}")
 
 
 def list_dir(uri: str, options: StorageOptions | None = None) -> list[dict[str, Any]]:
     """Entries directly under ``uri`` (name = last path part, type, size); [] when missing."""
+    path = _local(uri)
+    if path is not None:
+        try:
+            with os.scandir(path) as entries:
+                return [_local_entry(e) for e in entries]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
     fs, path = filesystem(uri, options)
 
     def ls() -> list[dict[str, Any]]:
@@ -301,8 +396,24 @@ def list_dir(uri: str, options: StorageOptions | None = None) -> list[dict[str, 
     return [{**e, "name": e["name"].rstrip("/").rsplit("/", 1)[-1]} for e in entries]
 
 
+def _local_entry(entry: os.DirEntry[str]) -> dict[str, Any]:
+    is_dir = entry.is_dir(follow_symlinks=False)
+    size = 0 if is_dir else entry.stat(follow_symlinks=False).st_size
+    return {"name": entry.name, "type": "directory" if is_dir else "file", "size": size}
+
+
 def remove(uri: str, options: StorageOptions | None = None) -> None:
     """Delete ``uri`` and everything under it; nothing happens when it does not exist."""
+    path = _local(uri)
+    if path is not None:
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        except FileNotFoundError:
+            pass
+        return
     fs, path = filesystem(uri, options)
 
     def rm() -> None:
@@ -344,8 +455,8 @@ def create_exclusive(uri: str, data: bytes, options: StorageOptions | None = Non
                 if_none_match=True,
             )
             return True
-        fs, path = filesystem(uri, options)
-        if _is_local(fs):
+        path = _local(uri)
+        if path is not None:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "xb") as f:
                 f.write(data)
@@ -374,9 +485,14 @@ def probe(uri: str, options: StorageOptions | None = None) -> None:
     """Check, on the driver, that ``uri`` can be reached, before any worker starts.
 
     Raises:
-        ConfigError: The endpoint does not answer, the bucket does not exist, or the
-            credentials are missing or refused; the message says which and what to check.
+        ConfigError: A local folder that cannot be created or written (read-only file system,
+            permissions); an endpoint that does not answer, a bucket that does not exist, or
+            credentials missing or refused; the message says which and what to check.
     """
+    path = _local(uri)
+    if path is not None:
+        _probe_local(uri, path)
+        return
     if not is_s3(uri):
         return
     options = options or DEFAULT_OPTIONS
@@ -415,6 +531,22 @@ def probe(uri: str, options: StorageOptions | None = None) -> None:
             ) from None
         raise ConfigError(
             f"storage.uri={uri}: checking bucket '{bucket}' at {endpoint} failed: {describe(exc)}"
+        ) from None
+
+
+def _probe_local(uri: str, path: str) -> None:
+    """Create ``path`` and write a file into it, so an unwritable folder fails here."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe_file = os.path.join(path, f".forge-probe-{uuid.uuid4().hex[:8]}")
+        with open(probe_file, "wb"):
+            pass
+        os.remove(probe_file)
+    except OSError as exc:
+        raise ConfigError(
+            f"storage.uri={uri}: cannot write to {path} ({exc.strerror or exc}). Point "
+            "storage.uri at a folder you can write to (e.g. storage.uri=runs), or fix its "
+            "permissions."
         ) from None
 
 

@@ -163,6 +163,9 @@ class CheckpointStore:
         mode: ``min`` or ``max`` for ``monitor``.
         keep_best: How many of the best checkpoints by ``monitor`` retention keeps (top-k).
         options: How to reach the storage (endpoint, region, retries).
+        fence: Called right before each commit (and before cleaning up); raises to refuse it.
+            Workers pass :func:`forge.checkpoint.lock.commit_fence`, so a run that lost its run
+            lock, or whose driver is gone, commits nothing more.
 
     Example:
         >>> store = CheckpointStore("memory://doc/run", keep_last=1)
@@ -180,6 +183,7 @@ class CheckpointStore:
         mode: str = "min",
         keep_best: int = 1,
         options: StorageOptions | None = None,
+        fence: Callable[[], None] | None = None,
     ) -> None:
         self.run_uri = storage.normalize(run_uri)
         self.root = storage.join(self.run_uri, "checkpoints")
@@ -188,11 +192,18 @@ class CheckpointStore:
         self.mode = mode
         self.keep_best = keep_best
         self.options = options
+        self.fence = fence
 
     def with_options(self, options: StorageOptions) -> CheckpointStore:
         """The same store, reached with other options (e.g. a more patient retry policy)."""
         return CheckpointStore(
-            self.run_uri, self.keep_last, self.monitor, self.mode, self.keep_best, options
+            self.run_uri,
+            self.keep_last,
+            self.monitor,
+            self.mode,
+            self.keep_best,
+            options,
+            fence=self.fence,
         )
 
     def step_uri(self, step: int) -> str:
@@ -267,6 +278,8 @@ class CheckpointStore:
             data_fingerprint=data_fingerprint,
         )
         uri = self.step_uri(step)
+        if self.fence is not None:  # the manifest is the commit: nothing before it is visible
+            self.fence()
         storage.write_bytes(storage.join(uri, MANIFEST), manifest.to_json(), self.options)
         pointer = {"step": step, "name": step_dir_name(step)}
         storage.write_bytes(
@@ -337,6 +350,8 @@ class CheckpointStore:
     def clean_uncommitted(self) -> list[str]:
         """Remove what crashed saves left behind: step folders without a manifest, and (S3)
         unfinished multipart uploads. Call only while no rank of this run is writing."""
+        if self.fence is not None:  # another run's uploads in flight are not leftovers
+            self.fence()
         aborted = storage.abort_uploads(self.root, self.options)
         if aborted:
             log.info("Aborted %d unfinished multipart upload(s) under %s", aborted, self.root)

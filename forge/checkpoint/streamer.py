@@ -318,12 +318,18 @@ class CheckpointStreamer:
         )
 
     def _fail(self, head: _Pending) -> None:
-        mine = None
+        from forge.checkpoint.lock import LockLostError
+
+        mine, lost = None, None
         for future in (head.upload, head.commit):
             if future is not None and future.done() and future.exception() is not None:
                 mine = describe(future.exception())  # type: ignore[arg-type]
+                if isinstance(future.exception(), LockLostError):
+                    lost = future.exception()
         reasons = self.gather(mine)
         self.close(cancel=True)
+        if lost is not None:  # not a storage outage: say what happened, not "storage is back"
+            raise lost
         if reasons is None:
             raise CheckpointError(
                 f"The checkpoint at step {head.step} was not saved"

@@ -42,17 +42,41 @@ def compose(overrides: Sequence[str] = (), config_dir: str | None = None) -> Dic
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
+    for item in overrides:
+        if item.lstrip("+~").startswith("="):
+            raise ConfigError(
+                f"The override {item!r} has no key. Overrides look like key=value, "
+                "+key=value (add) or ~key (remove), e.g. trainer.max_steps=3."
+            )
     if GlobalHydra.instance().is_initialized():  # e.g. called inside a Hydra app or a notebook
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir or CONFIG_DIR, version_base="1.3"):
         try:
             cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides))
-        except HydraException as exc:
+        except (HydraException, ValueError) as exc:  # ValueError: e.g. a value Hydra rejects
             raise explain_hydra_error(exc, overrides, config_dir) from None
     with_hydra_removed = OmegaConf.to_container(cfg, resolve=False)
     assert isinstance(with_hydra_removed, dict)
     with_hydra_removed.pop("hydra", None)
-    return OmegaConf.create(with_hydra_removed)
+    composed = OmegaConf.create(with_hydra_removed)
+    remember_overrides(composed, overrides)
+    return composed
+
+
+_OVERRIDES_ATTR = "_forge_overrides"
+
+
+def remember_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Attach the overrides ``cfg`` was composed from (not a config key: never saved or
+    validated), so ``forge.train(cfg)`` can record them and print a resume command that
+    composes the same config. A copy of ``cfg`` does not keep them."""
+    cfg.__dict__[_OVERRIDES_ATTR] = list(overrides)
+
+
+def remembered_overrides(cfg: DictConfig) -> list[str] | None:
+    """The overrides :func:`compose` made ``cfg`` from, or None when unknown."""
+    found = cfg.__dict__.get(_OVERRIDES_ATTR)
+    return list(found) if found is not None else None
 
 
 def explain_hydra_error(
@@ -60,6 +84,15 @@ def explain_hydra_error(
 ) -> ConfigError:
     """Turn Hydra's composition errors into one paragraph that names the key and the fix."""
     text = str(exc)
+    if "--multirun" in text:  # a sweep expression (a,b / choice / range / interval) in one run
+        from forge.sweep.grammar import has_sweep_expression
+
+        swept = " ".join(has_sweep_expression(overrides)) or "an override"
+        return ConfigError(
+            f"{swept} is a sweep expression, which only a sweep runs. Add -m (python -m forge "
+            "-m ...) or call forge.sweep([...]) to run one trial per point on Ray Tune; or give "
+            "a single value."
+        )
     unknown = re.search(r"Could not (?:override|append to|delete from) '([^']+)'", text)
     if unknown and "Could not override" in text or (unknown and "Could not append" in text):
         key = unknown.group(1)

@@ -13,12 +13,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
+# What Lightning's seed_everything and NumPy's legacy seeding accept, for every recipe kind.
+MAX_SEED = 2**32 - 1
+# The run lock's heartbeat period, and how many periods without one make a lock stale: a
+# shorter timeout would take over the lock of a run that is alive (its next beat not due yet).
+LOCK_HEARTBEAT_S = 30.0
+LOCK_STALE_MIN_BEATS = 4
 
 
 class Spec(BaseModel):
-    """Base for specs: immutable, and an unknown key is an error rather than silently ignored."""
+    """Base for specs: immutable, an unknown key is an error rather than silently ignored, and
+    no float key accepts inf or nan."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class RecipeSpec(Spec):
@@ -54,7 +61,7 @@ class DataSpec(Spec):
     split_key: str | None = Field(
         None, description="column hashed for the val split; null: the whole row's values"
     )
-    split_seed: int = Field(0, description="seed of the val split's hash")
+    split_seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the val split's hash")
     contract: str | dict[str, Any] | None = Field(
         None, description="data contract: inline, or a YAML file (local or s3://)"
     )
@@ -108,6 +115,17 @@ class OptimSpec(Spec):
     scheduler: Literal["constant", "cosine", "linear"] = "cosine"
     warmup_steps: NonNegInt = 0
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        # Adam's moment decay rates: torch.optim refuses anything outside [0, 1) on the workers.
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError(
+                f"optim.betas={list(value)}: each beta must be in [0, 1), e.g. "
+                "optim.betas=[0.9,0.999]"
+            )
+        return value
 
 
 StrategyName = Literal[
@@ -322,13 +340,26 @@ class StorageSpec(Spec):
     max_concurrency: PositiveInt = Field(8, description="parallel part uploads/downloads")
     break_lock: bool = Field(False, description="take over the run folder's lock")
     lock_stale_after_s: float = Field(
-        300, gt=0, description="resume=auto takes over a lock without heartbeat this long"
+        300,
+        ge=LOCK_HEARTBEAT_S * LOCK_STALE_MIN_BEATS,
+        description=f"resume=auto takes over a lock without heartbeat this long (the heartbeat "
+        f"comes every {LOCK_HEARTBEAT_S:g} s)",
     )
     shared: bool = Field(
         False,
         description="a local storage.uri is a file system every node mounts at the same path "
         "(NFS, Lustre); without it a local path is refused on a multi-node cluster",
     )
+
+    @field_validator("uri")
+    @classmethod
+    def _usable_uri(cls, value: str) -> str:
+        from forge.checkpoint.storage import check_uri
+
+        problem = check_uri(value)
+        if problem:
+            raise ValueError(f"storage.uri={problem}")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -379,6 +410,21 @@ class RaySpec(Spec):
     address: str | None = Field(None, description="null (embedded), auto, or an address")
     num_cpus: PositiveInt | None = Field(None, description="CPUs of the embedded cluster")
 
+    @field_validator("address")
+    @classmethod
+    def _address_form(cls, value: str | None) -> str | None:
+        import re
+
+        if value is None or value in ("auto", "local"):
+            return value
+        if not re.fullmatch(r"(ray://)?([^@/\s]+@)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5}/?", value):
+            raise ValueError(
+                f"ray.address={value!r} is not a Ray address. Use null (an embedded Ray), auto "
+                "(the cluster running on this machine), host:port (e.g. 10.0.0.5:6379) or "
+                "ray://host:10001"
+            )
+        return value
+
 
 class RunSpec(Spec):
     """One training run, fully validated. Built by :func:`forge.config.validate.to_run_spec`."""
@@ -392,7 +438,7 @@ class RunSpec(Spec):
     storage: StorageSpec = StorageSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
     ray: RaySpec = RaySpec()
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED, description=f"in [0, {MAX_SEED}]")
     resume: str | None = Field(None, description="null | auto | a checkpoint URI")
     run_name: str | None = None
     verbose: bool = False
@@ -419,11 +465,23 @@ class RunSpec(Spec):
                 "the first non-finite step, naming it), or strategy=ddp/fsdp with a forge-loop "
                 "recipe"
             )
-        if self.run_name is not None and ("/" in self.run_name or self.run_name in {".", ".."}):
+        if self.run_name is not None and (
+            "/" in self.run_name or self.run_name in {"", ".", ".."} or "\0" in self.run_name
+        ):
             raise ValueError(
                 f"run_name={self.run_name!r} must be a single folder name (no '/'); "
                 "use storage.uri to choose where runs go"
             )
+        from forge.checkpoint.storage import check_uri, join
+
+        if self.run_name is not None:
+            problem = check_uri(join(self.storage.uri, self.run_name))
+            if problem:
+                raise ValueError(f"run_name={self.run_name!r}: {problem}")
+        if self.resume not in (None, "auto"):
+            problem = check_uri(self.resume)
+            if problem:
+                raise ValueError(f"resume={problem}")
         return self
 
     def _strategy_cross_checks(self) -> None:
@@ -472,6 +530,10 @@ class LaunchPlan(Spec):
         resume_from: A committed checkpoint to start from when the run folder has none yet.
         config_hash: sha256 of the training-relevant config, recorded in manifests.
         launch_time: ``time.time()`` when ``forge.train`` was called, for time-to-first-step.
+        lock_token: The token of the driver's run lock; rank 0 commits only while the lock
+            still holds it (:func:`forge.checkpoint.lock.commit_fence`). None: not fenced.
+        resumed_checkpoint, resumed_step: The checkpoint the driver expects to resume.
+        changes: Keys changed against that checkpoint's config, ``{key: [before, now]}``.
     """
 
     run_uri: str
@@ -481,3 +543,7 @@ class LaunchPlan(Spec):
     launch_time: float
     data_fingerprint: dict[str, Any] | None = None  # forge.data: recorded in every manifest
     data_table: Any = None  # forge.data.TableInfo of a file source (None: the recipe's data)
+    lock_token: str | None = None
+    resumed_checkpoint: str | None = None
+    resumed_step: int | None = None
+    changes: dict[str, list[Any]] = Field(default_factory=dict)

@@ -24,13 +24,21 @@ def to_run_spec(cfg: DictConfig | dict[str, Any]) -> RunSpec:
         >>> to_run_spec(compose(["trainer.max_steps=7"])).trainer.max_steps
         7
     """
+    from forge.run_folder import env_secrets, scrub
+
     data = resolve(cfg)
     data.pop("hydra", None)
+    data.pop("sweep", None)  # the sweep group configures forge.sweep, not one run
+    raw = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
+    secrets = env_secrets(cfg)  # errors echo inputs: never a value read from the environment
     try:
         spec = RunSpec.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, data)) from None
-    check_recipe(spec)
+        raise ConfigError(scrub(format_validation_error(exc, data, raw), secrets)) from None
+    try:
+        check_recipe(spec)
+    except ConfigError as exc:
+        raise ConfigError(scrub(str(exc), secrets)) from None
     return spec
 
 
@@ -50,8 +58,14 @@ def resolve(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     return container
 
 
-def format_validation_error(exc: ValidationError, data: dict[str, Any]) -> str:
-    """One paragraph per problem, each naming the full key, what is wrong, and the fix."""
+def format_validation_error(
+    exc: ValidationError, data: dict[str, Any], raw: dict[str, Any] | None = None
+) -> str:
+    """One paragraph per problem, each naming the full key, what is wrong, and the fix.
+
+    A value written as an interpolation in ``raw`` (the unresolved config) is shown as written,
+    so ``seed=${oc.env:TOKEN}`` never echoes the token.
+    """
     lines = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
@@ -73,8 +87,10 @@ def format_validation_error(exc: ValidationError, data: dict[str, Any]) -> str:
             lines.append(str(err["ctx"]["error"]) + ".")
         else:
             got = err.get("input")
+            written = _select(raw, loc) if raw is not None else None
+            shown = written if isinstance(written, str) and "${" in written else _show(got)
             lines.append(
-                f"{key}={_show(got)} is invalid: {err['msg']}. "
+                f"{key}={shown} is invalid: {err['msg']}. "
                 f"Fix it with {key}=<value>{_describe(loc)}."
             )
     return "\n".join(lines)
@@ -96,7 +112,13 @@ def check_recipe(spec: RunSpec) -> None:
             f"recipe.module={spec.recipe.module} has no {entry}() function, which "
             f"recipe.kind={spec.recipe.kind} needs.{hint}"
         )
-    build_params(mod, spec.recipe.params)
+    params = build_params(mod, spec.recipe.params)
+    sized = getattr(mod, "train_size", None)  # optional: the recipe knows its size cheaply
+    # A file source is sized by forge.data's pass over it (its rows are not the recipe's own).
+    if spec.recipe.kind == "loop" and callable(sized) and spec.data.source is None:
+        from forge.loader import check_batch_fits
+
+        check_batch_fits(int(sized(params)), spec.data, spec.scaling.num_workers)
 
 
 def _select(data: dict[str, Any], loc: list[str]) -> Any:

@@ -41,6 +41,9 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))  # moto_server: the tests' S3 serve
 from moto_server import MotoProcess  # noqa: E402
 
 MB = 1e6
+TARGET_BLOCKED, TARGET_BUSY, TARGET_TP = 0.05, 1.05, 1.2
+# --guard's limits: the targets plus the noise of a short run on shared cores.
+GUARD_MAX_BUSY, GUARD_MIN_TP = 1.10, 1.1
 
 
 class MotoServer(MotoProcess):
@@ -75,13 +78,17 @@ def build(size_mb: float, width: int):
     return model, opt
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-mb", type=float, default=300, help="model + optimizer state")
+    parser.add_argument(
+        "--size-mb", type=float, default=None, help="model + optimizer state (300; --guard: 150)"
+    )
     parser.add_argument("--width", type=int, default=2048, help="MLP width")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--repeats", type=int, default=4, help="checkpoints per measurement")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="checkpoints per measurement (4; --guard: 3)"
+    )
     parser.add_argument("--every", type=int, default=0, help="steps between checkpoints")
     parser.add_argument("--part-size-mb", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=8)
@@ -93,7 +100,18 @@ def main() -> None:
         "a remote service, so by default it only gets CPU that training leaves idle (0: it "
         "competes with training as an equal). Measurements 1 and 3 run it at niceness 0.",
     )
+    parser.add_argument(
+        "--guard",
+        action="store_true",
+        help="regression guard (~1-2 min): 150 MB, 3 checkpoints per measurement; exits 1 when "
+        "a ratio is past its --max-*/--min-* limit",
+    )
+    parser.add_argument("--max-blocked", type=float, default=TARGET_BLOCKED, help="ratio 1")
+    parser.add_argument("--max-busy", type=float, default=GUARD_MAX_BUSY, help="ratio 2")
+    parser.add_argument("--min-throughput", type=float, default=GUARD_MIN_TP, help="ratio 3")
     args = parser.parse_args()
+    args.size_mb = args.size_mb or (150 if args.guard else 300)
+    args.repeats = args.repeats or (3 if args.guard else 4)
 
     import boto3
     import torch
@@ -229,19 +247,40 @@ def main() -> None:
         f"1. blocked per checkpoint: {blocked_med:.3f} s (streamed, median; "
         f"all: {fmt(blocked)}) / synchronous save+upload {sync_med:.2f} s (all: {fmt(sync_s)})"
     )
-    print(f"   ratio {blocked_med / sync_med:.3f}   (target <= 0.05)")
+    ratios = {
+        "blocked": blocked_med / sync_med,
+        "busy": busy_med / idle_med,
+        "throughput": forge_tp / boto_tp,
+    }
+    print(f"   ratio {ratios['blocked']:.3f}   (target <= {TARGET_BLOCKED})")
     print(
         f"2. step time during upload {busy_med * 1e3:.1f} ms (median of {len(busy)}) / "
         f"without {idle_med * 1e3:.1f} ms (median of {len(idle)})"
     )
-    print(f"   ratio {busy_med / idle_med:.3f}   (target <= 1.10)")
+    print(f"   ratio {ratios['busy']:.3f}   (target <= {TARGET_BUSY})")
     print(
         f"3. upload throughput forge {forge_tp:.0f} MB/s ({fmt(forge_s)}) / "
         f"boto3 upload_file {boto_tp:.0f} MB/s ({fmt(boto_s)})"
     )
-    print(f"   ratio {forge_tp / boto_tp:.3f}   (target >= 1.0)")
+    print(f"   ratio {ratios['throughput']:.3f}   (target >= {TARGET_TP})")
     if not reniced:
         print(f"   (the server stayed at niceness {args.server_nice}: renicing needs root)")
+    if not args.guard:
+        return 0
+    failed = [
+        f"{name} ratio {ratios[name]:.3f} {sign} {limit}"
+        for name, sign, limit, bad in [
+            ("blocked", ">", args.max_blocked, ratios["blocked"] > args.max_blocked),
+            ("busy", ">", args.max_busy, ratios["busy"] > args.max_busy),
+            ("throughput", "<", args.min_throughput, ratios["throughput"] < args.min_throughput),
+        ]
+        if bad
+    ]
+    for line in failed:
+        print(f"GUARD FAILED: {line}")
+    if not failed:
+        print("guard passed")
+    return 1 if failed else 0
 
 
 def median(values: list[float]) -> float:
@@ -253,4 +292,4 @@ def fmt(values: list[float]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

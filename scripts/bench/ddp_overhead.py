@@ -34,7 +34,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WARMUP_STEPS = 20
-TARGET_RATIO = 1.05
+TARGET_RATIO = 1.02
+TARGET_FIRST_STEP = 1.0
+GUARD_MAX_RATIO = 1.05
 
 
 def baseline_loop(config: dict) -> None:
@@ -108,7 +110,9 @@ def run_baseline(
     return {k: metrics[k] for k in ("step_time_s", "time_to_first_step_s")}
 
 
-def run_forge(steps: int, batch_size: int, address: str, storage: str) -> dict[str, float]:
+def run_forge(
+    steps: int, batch_size: int, address: str, storage: str, overrides: list[str] = ()
+) -> dict[str, float]:
     from rich.console import Console
 
     import forge
@@ -123,6 +127,7 @@ def run_forge(steps: int, batch_size: int, address: str, storage: str) -> dict[s
             "trainer.val_every_n_steps=0",
             f"ray.address={address}",
             f"storage.uri={storage}/forge",  # run folders go to the bench's temp dir, not ./runs
+            *overrides,
         ],
         console=quiet,
     )
@@ -135,7 +140,9 @@ def run_forge(steps: int, batch_size: int, address: str, storage: str) -> dict[s
     return timings
 
 
-def print_table(results: dict[str, list[dict[str, float]]], repeats: int) -> None:
+def print_table(results: dict[str, list[dict[str, float]]], repeats: int) -> dict[str, float]:
+    """Print medians per side and, for each forge side, the median over rounds of its ratio to
+    the same round's baseline; returns those per-step ratios by side."""
     from rich.console import Console
     from rich.table import Table
 
@@ -143,43 +150,84 @@ def print_table(results: dict[str, list[dict[str, float]]], repeats: int) -> Non
         side: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         for side, runs in results.items()
     }
+    others = [side for side in results if side != "baseline"] if "baseline" in results else []
     print(f"\nDDP overhead, median of {repeats} round(s):")
     table = Table()
     table.add_column("metric")
     for side in med:
         table.add_column(side, justify="right")
-    both = len(med) == 2
-    if both:
-        table.add_column("forge / baseline", justify="right")
+    for side in others:
+        table.add_column(f"{side} / baseline", justify="right")
+    ratios: dict[str, float] = {}
     for key, label, scale, unit in [
         ("step_time_s", "per-step", 1e3, "ms"),
         ("time_to_first_step_s", "time to first step", 1, "s"),
     ]:
         row = [label] + [f"{m[key] * scale:.2f} {unit}" for m in med.values()]
-        if both:
-            ratio = med["forge"][key] / med["baseline"][key]
-            ok = "" if key != "step_time_s" else (" ok" if ratio <= TARGET_RATIO else " OVER")
-            row.append(f"{ratio:.3f}{ok}")
+        for side in others:
+            # Paired: each round's forge run against that round's baseline, then the median.
+            ratio = statistics.median(
+                f[key] / b[key] for f, b in zip(results[side], results["baseline"], strict=True)
+            )
+            target = TARGET_RATIO if key == "step_time_s" else TARGET_FIRST_STEP
+            row.append(f"{ratio:.3f}" + (" ok" if ratio <= target else " OVER"))
+            ratios[f"{side}:{key}"] = ratio
         table.add_row(*row)
-    Console().print(table)
-    if both:
-        print(f"target: forge per-step <= {TARGET_RATIO:.2f}x baseline")
+    Console(width=160).print(table)
+    if others:
+        print(
+            f"target: forge per-step <= {TARGET_RATIO:.2f}x baseline, time to first step <= "
+            f"{TARGET_FIRST_STEP:.2f}x (median over rounds of forge / that round's baseline)"
+        )
+    return ratios
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=None, help="default 300 (--guard: 150)")
     parser.add_argument("--batch-size", type=int, default=64, help="per worker")
-    parser.add_argument("--repeats", type=int, default=1, help="rounds, alternating order")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="rounds, alternating (default 1; --guard: 4)"
+    )
     parser.add_argument("--only", choices=["both", "baseline", "forge"], default="both")
     parser.add_argument(
         "--baseline-threads",
         type=int,
-        default=0,
-        help="torch intra-op threads in the baseline's workers; 0 keeps torch's default "
+        default=None,
+        help="torch intra-op threads in the baseline's workers (default 0; --guard: 1, equal to "
+        "forge's); 0 keeps torch's default "
         "(forge sets one per reserved CPU, so 1 isolates loop overhead from thread contention)",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=OVERRIDES",
+        help="also run forge with these comma-separated overrides, as its own column, e.g. "
+        "--variant nolog=trainer.log_every_n_steps=100000 (repeatable)",
+    )
+    parser.add_argument(
+        "--guard",
+        action="store_true",
+        help="regression guard (~3 min): 4 rounds of 150 steps at equal threads; exits 1 when "
+        "forge's per-step or time-to-first-step ratio exceeds --max-ratio",
+    )
+    parser.add_argument(
+        "--max-ratio",
+        type=float,
+        default=GUARD_MAX_RATIO,
+        help=f"--guard's limit for both ratios (default {GUARD_MAX_RATIO}: the targets plus "
+        "the noise of a short run on shared cores; rerun the full benchmark when it trips)",
+    )
     args = parser.parse_args()
+    guard_defaults = {"steps": 150, "repeats": 4, "baseline_threads": 1}
+    plain_defaults = {"steps": 300, "repeats": 1, "baseline_threads": 0}
+    for key, value in (guard_defaults if args.guard else plain_defaults).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.guard and args.only != "both":
+        parser.error("--guard compares forge with the baseline: drop --only")
+    variants = dict(v.split("=", 1) for v in args.variant)
     if args.steps <= WARMUP_STEPS + 1:
         parser.error(f"--steps must exceed the {WARMUP_STEPS} warm-up steps")
     print("command:", shlex.join(sys.orig_argv), flush=True)
@@ -200,6 +248,7 @@ def main() -> int:
     print(f"ray cluster {address} up in {time.perf_counter() - started:.1f}s", flush=True)
 
     sides = ["baseline", "forge"] if args.only == "both" else [args.only]
+    sides += list(variants)
     results: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory(prefix="forge-bench-") as storage:
         for rnd in range(args.repeats):
@@ -213,7 +262,8 @@ def main() -> int:
                         args.baseline_threads,
                     )
                 else:
-                    res = run_forge(args.steps, args.batch_size, address, storage)
+                    extra = variants[side].split(",") if side in variants else []
+                    res = run_forge(args.steps, args.batch_size, address, storage, extra)
                 results[side].append(res)
                 print(
                     f"round {rnd + 1}/{args.repeats} {side}: "
@@ -222,8 +272,15 @@ def main() -> int:
                     flush=True,
                 )
     ray.shutdown()
-    print_table(results, args.repeats)
-    return 0
+    ratios = print_table(results, args.repeats)
+    if not args.guard:
+        return 0
+    over = {k: v for k, v in ratios.items() if k.startswith("forge:") and v > args.max_ratio}
+    for key, value in over.items():
+        print(f"GUARD FAILED: {key.removeprefix('forge:')} ratio {value:.3f} > {args.max_ratio}")
+    if not over:
+        print(f"guard passed: every forge / baseline ratio <= {args.max_ratio}")
+    return 1 if over else 0
 
 
 if __name__ == "__main__":

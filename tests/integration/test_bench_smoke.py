@@ -25,3 +25,32 @@ def test_strategies_gpu_bench_smoke() -> None:
     for side in ("bare", "forge ddp", "forge deepspeed_zero2", "forge deepspeed_zero3"):
         assert side in result.stdout
     assert "forge zero2 / forge ddp" in result.stdout and "smoke run:" in result.stdout
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=600, cwd=REPO_ROOT
+    )
+
+
+@pytest.mark.slow
+def test_ddp_overhead_guard_prints_ratios_and_passes_under_a_loose_limit() -> None:
+    """~1 min: the guard's plumbing (a loose limit; the real limit is a measurement, by hand)."""
+    result = run_bench(
+        "scripts/bench/ddp_overhead.py", "--guard", "--steps", "25", "--repeats", "1",
+        "--max-ratio", "100",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "forge / baseline" in result.stdout and "guard passed" in result.stdout
+
+
+@pytest.mark.slow
+def test_checkpoint_stream_guard_exits_non_zero_past_a_limit() -> None:
+    """~30 s: a throughput limit no run can meet makes the guard fail, naming the ratio."""
+    result = run_bench(
+        "scripts/bench/checkpoint_stream.py", "--guard", "--size-mb", "20", "--repeats", "2",
+        "--min-throughput", "1000",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "GUARD FAILED: throughput ratio" in result.stdout
+    assert "1. blocked per checkpoint" in result.stdout

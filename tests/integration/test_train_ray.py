@@ -146,9 +146,14 @@ def test_more_workers_than_the_cluster_can_place_is_refused(ray_cluster, tmp_pat
         forge.train(overrides(ray_cluster, tmp_path, "scaling.num_workers=9"))
 
 
-def test_worker_error_is_one_paragraph(ray_cluster, tmp_path):
-    # A recipe parameter that only fails when the worker builds the data.
+def test_worker_error_is_one_paragraph_and_not_retried(ray_cluster, tmp_path, quiet_console):
+    # A recipe parameter that only fails when the worker builds the model: a restart would
+    # fail the same way, so the run ends at once with the recipe's own error.
     with pytest.raises(forge.ForgeError) as info:
-        forge.train(overrides(ray_cluster, tmp_path, "data.batch_size=4096", "trainer.max_steps=2"))
+        forge.train(
+            overrides(ray_cluster, tmp_path, "recipe.params.channels=0", "trainer.max_steps=2"),
+            console=quiet_console,
+        )
     message = str(info.value)
-    assert "data.batch_size" in message and "Traceback" not in message
+    assert "Training failed on a worker" in message and "Traceback" not in message
+    assert "restart" not in quiet_console.file.getvalue()

@@ -19,7 +19,7 @@ from forge.checkpoint.store import CheckpointStore
 from forge.config.compose import compose
 from forge.config.specs import RunSpec
 from forge.config.validate import to_run_spec
-from forge.errors import CheckpointError, ConfigError
+from forge.errors import ConfigError
 from forge.run_folder import config_hash, redacted_config, write_provenance
 
 # 2024-01-02 03:04:05 UTC
@@ -154,7 +154,7 @@ def test_resume_from_an_uncommitted_folder_is_refused(tmp_path: Path) -> None:
     partial = tmp_path / "old" / "checkpoints" / "step_00000020"
     storage.write_bytes(str(partial / "model.bin"), b"half")
     spec, saved = make_spec(tmp_path, f"resume={partial}")
-    with pytest.raises(CheckpointError) as info:
+    with pytest.raises(ConfigError) as info:  # a wrong resume= value: exit 2 from the CLI
         plan_run(spec, saved, LAUNCH)
     assert str(partial) in str(info.value)
     assert "not a committed checkpoint" in str(info.value)
@@ -164,7 +164,7 @@ def test_resume_from_a_corrupt_checkpoint_is_refused(tmp_path: Path) -> None:
     uri = commit(tmp_path / "old")
     storage.write_bytes(storage.join(uri, "model.bin"), b"W")
     spec, saved = make_spec(tmp_path, f"resume={uri}")
-    with pytest.raises(CheckpointError, match="corrupt|does not match"):
+    with pytest.raises(ConfigError, match="corrupt|does not match"):
         plan_run(spec, saved, LAUNCH)
 
 

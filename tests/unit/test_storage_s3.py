@@ -202,7 +202,7 @@ def test_second_run_on_the_same_folder_is_refused(s3_server, s3_bucket) -> None:
     msg = str(info.value)
     assert run in msg and "in use by another forge run" in msg
     assert f"pid {os.getpid()}" in msg and "recipe digits" in msg
-    assert "storage.break_lock=true" in msg and "another run_name" in msg
+    assert "alive on this host" in msg and "another run_name" in msg
     first.release()
     assert not storage.exists(f"{run}/{LOCK_NAME}", o)
     RunLock.acquire(run, options=o, heartbeat_s=None).release()
@@ -236,10 +236,14 @@ def test_stale_lock_is_taken_over_by_resume_only(s3_server, s3_bucket, caplog) -
     lock.release()
 
 
-def test_break_lock_takes_over_a_live_lock(s3_server, s3_bucket) -> None:
+def test_break_lock_takes_over_a_lock_held_elsewhere(s3_server, s3_bucket) -> None:
     o = opts(s3_server)
     run = f"{s3_bucket}/runs/r"
     held = RunLock.acquire(run, options=o, heartbeat_s=None)
+    elsewhere = {**held.info, "host": "another-host"}  # its pid cannot be checked from here
+    storage.write_bytes(f"{run}/{LOCK_NAME}", json.dumps(elsewhere).encode(), o)
+    with pytest.raises(ConfigError, match="storage.break_lock=true"):
+        RunLock.acquire(run, options=o, heartbeat_s=None)
     taker = RunLock.acquire(run, options=o, break_lock=True, heartbeat_s=None)
     held.release()  # not ours any more: must not delete the new holder's lock
     assert storage.exists(f"{run}/{LOCK_NAME}", o)

@@ -1,0 +1,168 @@
+"""The log step's hot path: the loss reduced asynchronously and logged one log step later,
+progress events batched off the training thread, TensorBoard written by its own thread. What
+is logged must not change: the mean of every micro-batch loss of the window, on every rank."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import forge.loop
+from forge.config.compose import compose
+from forge.config.specs import LaunchPlan
+from forge.config.validate import to_run_spec
+from forge.loop import WorkerContext, run_loop
+from forge.metrics import MetricsWriter, read_metrics
+from forge.progress_sender import BatchedSender
+from forge.train_loss import TrainLossWindow
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def two_identical_ranks_async(started: list[torch.Tensor]) -> Any:
+    """An async all-reduce over two ranks holding the same values, whose result exists only
+    once waited for: until then the tensor holds NaN, so a read before ``wait`` shows."""
+
+    def start(tensor: torch.Tensor) -> Any:
+        mine = tensor.clone()
+        tensor.fill_(float("nan"))
+        started.append(tensor)
+
+        def wait() -> None:
+            tensor.copy_(mine * 2)
+
+        return wait
+
+    return start
+
+
+def test_logged_loss_is_the_mean_of_its_window_with_the_async_reduction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = to_run_spec(
+        compose(
+            [
+                "experiment=digits",
+                f"storage.uri={tmp_path}",
+                "trainer.max_steps=23",  # the last window is short: 3 steps
+                "trainer.log_every_n_steps=5",
+                "trainer.accumulate_grad_batches=2",  # a window = 10 micro-batches
+                "trainer.val_every_n_steps=10",
+                "checkpoint.every_n_steps=15",
+                "data.batch_size=16",
+                "recipe.params.channels=4",
+            ]
+        )
+    )
+    losses: list[torch.Tensor] = []
+    build = forge.loop.build_recipe
+
+    def recording_recipe(spec: Any, data_table: Any = None) -> Any:
+        recipe = build(spec, data_table)
+        loss_fn = recipe.loss_fn
+
+        def recorded(model: Any, batch: Any) -> torch.Tensor:
+            loss = loss_fn(model, batch)
+            losses.append(loss.detach().float().clone())
+            return loss
+
+        return dataclasses.replace(recipe, loss_fn=recorded)
+
+    monkeypatch.setattr(forge.loop, "build_recipe", recording_recipe)
+    started: list[torch.Tensor] = []
+    events: list[dict[str, Any]] = []
+    plan = LaunchPlan(
+        run_uri=str(tmp_path / "run"), resume_from=None, config_hash="x", launch_time=time.time()
+    )
+    ctx = WorkerContext(
+        all_reduce_sum_async=two_identical_ranks_async(started), on_progress=events.append
+    )
+    run_loop(spec, plan, ctx)
+
+    rows = [r for r in read_metrics(str(tmp_path / "run" / "metrics.jsonl")) if "train/loss" in r]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 23]
+    assert len(started) == 5  # one reduction per log step, none elsewhere
+    ends = [0, 10, 20, 30, 40, 46]  # micro-batches consumed at each log step
+    for row, lo, hi in zip(rows, ends[:-1], ends[1:], strict=True):
+        total = torch.zeros(())  # summed in float32 per optimizer step, then per window
+        for i in range(lo, hi, 2):
+            total += losses[i] + losses[i + 1]
+        expected = ((total * 2) / torch.tensor(2.0 * (hi - lo))).item()
+        assert row["train/loss"] == expected, row["step"]
+    logged = [e for e in events if e["event"] == "log"]
+    assert [e["train/loss"] for e in logged] == [r["train/loss"] for r in rows]
+    # Rows stay in step order although each train row is written one log step late: the
+    # pending one is flushed before a validation (step 10, 20) and a checkpoint (step 15).
+    steps = [r["step"] for r in read_metrics(str(tmp_path / "run" / "metrics.jsonl"))]
+    assert steps == sorted(steps)
+
+
+def test_the_loss_window_is_cloned_before_its_reduction_starts() -> None:
+    started: list[torch.Tensor] = []
+    window = TrainLossWindow(torch.device("cpu"), two_identical_ranks_async(started))
+    window.add(torch.tensor(1.0))
+    assert window.end_window(1, {}) is None
+    window.add(torch.tensor(3.0))  # the next window: must not leak into the pending one
+    assert window.end_window(2, {"lr": 0.5}) == (1, {"train/loss": 1.0})
+    assert window.flush() == (2, {"train/loss": 3.0, "lr": 0.5})
+    assert window.flush() is None
+
+
+def test_batched_sender_keeps_order_batches_and_flushes_on_close() -> None:
+    batches: list[list[dict[str, Any]]] = []
+    send = BatchedSender(batches.append, interval_s=0.2)
+    for step in range(50):
+        send({"step": step})
+    send.close()
+    assert [e["step"] for b in batches for e in b] == list(range(50))
+    assert len(batches) < 5  # batched, not one round trip per event
+
+
+def test_batched_sender_never_blocks_the_caller_and_swallows_errors() -> None:
+    release = threading.Event()
+    calls: list[int] = []
+
+    def slow_put(batch: list[dict[str, Any]]) -> None:  # a queue actor on a busy machine
+        calls.append(len(batch))
+        release.wait(0.2)
+        raise RuntimeError("queue actor gone")
+
+    send = BatchedSender(slow_put, interval_s=0.0)
+    t0 = time.perf_counter()
+    for step in range(100):
+        send({"step": step})
+    elapsed = time.perf_counter() - t0
+    release.set()
+    send.close()
+    assert elapsed < 0.05  # the training thread never waits for the queue
+    assert sum(calls) == 100  # and no event is lost when a put fails
+
+
+def test_tensorboard_rows_are_written_off_the_calling_thread(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    callers: set[str] = set()
+    writer = MetricsWriter(str(tmp_path))
+    add = writer._add_scalars
+
+    def spy(*args: Any) -> None:
+        callers.add(threading.current_thread().name)
+        add(*args)
+
+    writer._add_scalars = spy  # type: ignore[method-assign]
+    for step in range(1, 4):
+        writer.log(step, {"train/loss": 1.0 / step, "note": "text"})
+    assert len(read_metrics(writer.path)) == 3  # the JSON lines are there at once
+    writer.close()
+    assert callers and threading.current_thread().name not in callers
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    scalars = acc.Scalars("train/loss")
+    assert [s.step for s in scalars] == [1, 2, 3]
+    assert [s.value for s in scalars] == pytest.approx([1.0, 0.5, 1 / 3])
