@@ -36,6 +36,9 @@ class RayJobsCluster:
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": self.token,
             "RAY_USAGE_STATS_ENABLED": "0",
+            # A job's entrypoint runs `python -m forge` by PATH, as on a real cluster: there
+            # this test's interpreter (its venv) is the cluster's Python.
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         }
         gcs, dash = free_port(), free_port()
         self.address = f"127.0.0.1:{gcs}"
