@@ -26,6 +26,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "compose": "forge.config.compose",
     "train": "forge.api",
+    "sweep": "forge.sweep.run",
+    "SweepResult": "forge.sweep.run",
     "submit": "forge.jobs",
     "JobHandle": "forge.jobs",
     "RunResult": "forge.api",
@@ -50,11 +52,13 @@ __all__ = [
     "JobHandle",
     "Recipe",
     "RunResult",
+    "SweepResult",
     "TrainingError",
     "__version__",
     "compose",
     "export",
     "submit",
+    "sweep",
     "train",
 ]
 
@@ -65,6 +69,7 @@ if TYPE_CHECKING:
     from forge.export import ExportResult, export
     from forge.jobs import JobHandle, submit
     from forge.recipe import ExportSpec, Recipe
+    from forge.sweep.run import SweepResult, sweep
 
 
 def __getattr__(name: str) -> Any:

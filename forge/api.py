@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +77,7 @@ def train(
     *,
     overrides: Sequence[str] | None = None,
     console: Console | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     """Train a recipe on Ray and return the result.
 
@@ -88,6 +89,8 @@ def train(
             them, the ones :func:`forge.compose` remembered, or else every difference from the
             default config, so the printed resume command composes this same config.
         console: Where progress and the summary go (stderr by default).
+        on_progress: Also called with every progress event from rank 0 (validations,
+            committed checkpoints, ...); a sweep trial reports them to Tune from here.
 
     Returns:
         A :class:`RunResult`.
@@ -113,7 +116,7 @@ def train(
     secrets = env_secrets(config)
     console = console or make_console()
     try:
-        return _train(config, overrides, console, launch_time, secrets)
+        return _train(config, overrides, console, launch_time, secrets, on_progress)
     except ForgeError as exc:
         if not secrets:
             raise
@@ -126,6 +129,7 @@ def _train(
     console: Console,
     launch_time: float,
     secrets: Sequence[str] = (),
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     from forge.cluster import check_resources, check_storage_shared, ray_session
     from forge.launch import launch
@@ -190,10 +194,16 @@ def _train(
         progress = ConsoleProgress(console)
 
         def show(event: dict[str, Any]) -> None:  # workers' warnings may quote a secret
-            progress({k: scrub(v, secrets) if isinstance(v, str) else v for k, v in event.items()})
+            if secrets:
+                event = {
+                    k: scrub(v, secrets) if isinstance(v, str) else v for k, v in event.items()
+                }
+            progress(event)
+            if on_progress is not None:
+                on_progress(event)
 
         try:
-            summary = launch(spec, plan, show if secrets else progress)
+            summary = launch(spec, plan, show)
         finally:
             progress.close()
     result = RunResult(

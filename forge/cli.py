@@ -52,6 +52,7 @@ VERBS: dict[str, str] = {
     "registry": "forge.mlops.cli:registry_main",
     "score": "forge.mlops.cli:score_main",
     "monitor": "forge.mlops.cli:monitor_main",
+    "sweep": "forge.sweep.cli:main",  # also what -m/--multirun runs
 }
 
 
@@ -61,6 +62,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     console = make_console()
     if argv and argv[0] in VERBS:
         sys.exit(_run_verb(argv[0], argv[1:], console))
+    wants_help = {"--help", "-h", "--hydra-help"}.intersection(argv)
+    if {"-m", "--multirun"}.intersection(argv) and not wants_help:
+        # Sweeps run on Ray Tune (forge.sweep), not on Hydra's sequential basic sweeper.
+        args = [a for a in argv if a not in ("-m", "--multirun")]
+        sys.exit(_run_verb("sweep", args, console))
     if not _NO_PRECHECK.intersection(argv):
         overrides = [a for a in argv if not a.startswith("-") and not _is_flag_value(argv, a)]
         _exit_on_error(console, lambda: _precheck(overrides))
@@ -100,6 +106,15 @@ def _run_verb(verb: str, args: list[str], console: Console) -> int:
 def _precheck(overrides: list[str]) -> None:
     from forge.config.compose import compose
     from forge.config.validate import to_run_spec
+    from forge.sweep.grammar import has_sweep_expression
+
+    swept = has_sweep_expression(overrides)
+    if swept:
+        raise ConfigError(
+            f"{' '.join(swept)} is a sweep expression, which only a sweep runs. Add -m "
+            f"(python -m forge -m {' '.join(overrides)}) to run one trial per point on Ray Tune, "
+            "or give a single value."
+        )
 
     to_run_spec(compose(overrides))
 

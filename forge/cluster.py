@@ -123,10 +123,7 @@ def check_resources(scaling: ScalingSpec) -> None:
             "scaling.use_gpu=true, but this Ray cluster has no GPUs. Set scaling.use_gpu=false "
             "to train on CPU, or connect to a cluster with GPUs (ray.address=...)."
         )
-    fits = 0
-    for node in nodes:
-        res = node["Resources"]
-        fits += int(min(res.get(k, 0) / v for k, v in per_worker.items()) + 1e-9)
+    fits = workers_that_fit(scaling, nodes)
     if fits < scaling.num_workers:
         total_cpus = sum(n["Resources"].get("CPU", 0) for n in nodes)
         need = ", ".join(f"{v:g} {k}" for k, v in per_worker.items())
@@ -137,6 +134,22 @@ def check_resources(scaling: ScalingSpec) -> None:
             f"scaling.num_workers to {max(fits, 1)}, lower scaling.cpus_per_worker"
             f"{' or scaling.gpus_per_worker' if scaling.use_gpu else ''}, or add nodes."
         )
+
+
+def workers_that_fit(scaling: ScalingSpec, nodes: list[dict] | None = None) -> int:
+    """How many workers of this shape the live nodes can hold at once (each on one node)."""
+    import ray
+
+    per_worker = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        per_worker["GPU"] = scaling.gpus_per_worker
+    if nodes is None:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+    fits = 0
+    for node in nodes:
+        res = node["Resources"]
+        fits += int(min(res.get(k, 0) / v for k, v in per_worker.items()) + 1e-9)
+    return fits
 
 
 def check_storage_shared(storage: StorageSpec) -> None:
@@ -161,7 +174,7 @@ def local_storage_problem(storage: StorageSpec, hosts: list[str]) -> str | None:
     Example:
         >>> local_storage_problem(StorageSpec(uri="runs"), ["10.0.0.1"]) is None
         True
-        >>> local_storage_problem(StorageSpec(uri="s3://b/runs"), ["10.0.0.1", "10.0.0.2"])
+        >>> local_storage_problem(StorageSpec(uri="s3://bucket/runs"), ["10.0.0.1", "10.0.0.2"])
         >>> local_storage_problem(StorageSpec(uri="runs"), ["10.0.0.1", "10.0.0.2"])[:40]
         'storage.uri=runs is a local path, but th'
     """

@@ -153,15 +153,14 @@ def _fit_once(spec: RunSpec, plan: LaunchPlan, on_progress: ProgressFn) -> dict[
         resources["GPU"] = scaling.gpus_per_worker
     datasets = data_config = None
     if plan.data_table is not None:  # a file source: Ray Data reads it, Ray Train shards it
-        from forge.data.feed import data_cpus, make_datasets
+        from forge.data.feed import check_spare_cpus, make_datasets
 
-        training_cpus = scaling.num_workers * scaling.cpus_per_worker
-        cpus = data_cpus(ray.cluster_resources().get("CPU", 0), training_cpus)
-        datasets = make_datasets(plan.data_table, spec.seed, cpus)
+        check_spare_cpus(
+            ray.cluster_resources().get("CPU", 0), scaling.num_workers, scaling.cpus_per_worker
+        )
+        datasets = make_datasets(plan.data_table, spec.seed)
         # Only "train" is split across workers; every worker evaluates all of "val".
         data_config = ray.train.DataConfig(datasets_to_split=["train"])
-        if cpus == 0:  # Ray Data's budget excludes training's CPUs; its tasks now need none
-            data_config.set_train_total_resources(0, 0)
     trainer = TorchTrainer(
         train_fn,
         datasets=datasets,

@@ -166,7 +166,8 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
     torch.manual_seed(spec.seed + 1 + ctx.rank)
 
     ck = spec.checkpoint
-    if ck.monitor is not None and recipe.val_data is None:
+    has_val = feed.table.has_val if feed is not None else recipe.val_data is not None
+    if ck.monitor is not None and not has_val:
         raise ConfigError(
             f"checkpoint.monitor={ck.monitor} ranks checkpoints by a validation metric, but "
             f"recipe {spec.recipe.name} has no val_data, so no checkpoint would ever be ranked. "
@@ -224,10 +225,11 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
         if feed is not None:
             if not feed.table.has_val:
                 return {}
-            return run_eval(recipe, model, spec, ctx, batches=feed.val_batches())
-        if recipe.val_data is None:
+            metrics = run_eval(recipe, model, spec, ctx, batches=feed.val_batches())
+        elif recipe.val_data is None:
             return {}
-        metrics = run_eval(recipe, model, spec, ctx)
+        else:
+            metrics = run_eval(recipe, model, spec, ctx)
         if ck.monitor is not None and metrics and ck.monitor not in metrics:
             raise ConfigError(
                 f"checkpoint.monitor={ck.monitor} is not a metric of recipe "
@@ -617,7 +619,16 @@ def restore(
     rank: int,
     world_size: int | None = None,
 ) -> LoopState:
-    """Load model/optimizer through the strategy, then schedule, RNG and data position."""
+    """Load model/optimizer through the strategy, then schedule, RNG and data position.
+
+    Hyperparameters come from this run's config, not from the checkpoint's optimizer state: a
+    PBT trial that continues another trial's checkpoint with a mutated lr or weight decay must
+    train with its own values from its first step (for a plain resume they are the same).
+    """
+    configured = [
+        {k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+        for g in optimizer.param_groups
+    ]
     strategy.load_checkpoint(model, optimizer, ckpt)
     saved = dict(ckpt.manifest.state)
     saved_world = ckpt.manifest.world_size
@@ -627,6 +638,16 @@ def restore(
         # rounded down to whole batches: at most one global batch is seen twice, none skipped.
         saved["batch_in_epoch"] = saved["batch_in_epoch"] * saved_world // world_size
     scheduler.last_epoch = saved.pop("scheduler_last_epoch", ckpt.step)
+    for group, hyper, base, factor in zip(
+        optimizer.param_groups,
+        configured,
+        scheduler.base_lrs,
+        scheduler.lr_lambdas,
+        strict=True,
+    ):
+        group.update(hyper)
+        group["initial_lr"] = base  # the configured peak lr, as LambdaLR set it
+        group["lr"] = base * factor(scheduler.last_epoch)  # what LambdaLR.step() computes
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
     rng_file = f"rank{rank}.safetensors"
     if rng_file in ckpt.manifest.files:  # absent when resuming on more workers than saved

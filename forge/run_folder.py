@@ -61,6 +61,7 @@ def redacted_config(cfg: DictConfig) -> dict[str, Any]:
 
     out = walk(raw, resolved)
     out.pop("hydra", None)
+    out.pop("sweep", None)  # configures forge.sweep, not the run (RunSpec has no such key)
     return out
 
 

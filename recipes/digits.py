@@ -20,6 +20,10 @@ from torch.utils.data import TensorDataset
 
 import forge
 
+# Params a PBT sweep may change between segments of one run (the model's shapes stay the same;
+# dropout is rebuilt from the new value when a trial continues from another's checkpoint).
+PBT_MUTABLE_PARAMS = ("dropout",)
+
 
 @dataclass
 class Params:

@@ -84,6 +84,15 @@ def explain_hydra_error(
 ) -> ConfigError:
     """Turn Hydra's composition errors into one paragraph that names the key and the fix."""
     text = str(exc)
+    if "--multirun" in text:  # a sweep expression (a,b / choice / range / interval) in one run
+        from forge.sweep.grammar import has_sweep_expression
+
+        swept = " ".join(has_sweep_expression(overrides)) or "an override"
+        return ConfigError(
+            f"{swept} is a sweep expression, which only a sweep runs. Add -m (python -m forge "
+            "-m ...) or call forge.sweep([...]) to run one trial per point on Ray Tune; or give "
+            "a single value."
+        )
     unknown = re.search(r"Could not (?:override|append to|delete from) '([^']+)'", text)
     if unknown and "Could not override" in text or (unknown and "Could not append" in text):
         key = unknown.group(1)

@@ -28,6 +28,7 @@ def to_run_spec(cfg: DictConfig | dict[str, Any]) -> RunSpec:
 
     data = resolve(cfg)
     data.pop("hydra", None)
+    data.pop("sweep", None)  # the sweep group configures forge.sweep, not one run
     raw = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
     secrets = env_secrets(cfg)  # errors echo inputs: never a value read from the environment
     try:

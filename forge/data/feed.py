@@ -84,8 +84,8 @@ def make_datasets(table: TableInfo, seed: int, cpus: float | None = None) -> dic
     """``{"train": Dataset, "val": Dataset}`` (val only when there is validation data).
 
     ``cpus``: CPUs each read/transform task reserves (None: Ray Data's default, one). The
-    launcher passes 0 when the training workers reserve every CPU of the cluster, which would
-    otherwise leave Ray Data's tasks waiting forever.
+    launcher first checks that the workers leave at least one CPU for these tasks
+    (:func:`check_spare_cpus`).
     """
     train = _read(table.source, cpus)
     out = {
@@ -104,15 +104,33 @@ def make_datasets(table: TableInfo, seed: int, cpus: float | None = None) -> dic
     return out
 
 
-def data_cpus(cluster_cpus: float, training_cpus: float) -> float | None:
-    """CPUs per Ray Data task: Ray's default while a whole CPU is spare, else 0 (the tasks
-    share the training workers' CPUs rather than wait for a free one).
+def check_spare_cpus(cluster_cpus: float, num_workers: int, cpus_per_worker: float) -> None:
+    """Refuse a file source when the training workers would reserve every CPU: Ray Data's read
+    and transform tasks then never get one, and training waits for its first batch forever.
+
+    Raises:
+        ConfigError: Less than one CPU left over, naming the keys that fix it.
 
     Example:
-        >>> data_cpus(4, 2), data_cpus(2, 2)
-        (None, 0)
+        >>> check_spare_cpus(4, 2, 1)
+        >>> check_spare_cpus(2, 2, 1)
+        Traceback (most recent call last):
+        ...
+        forge.errors.ConfigError: data.source streams through Ray Data tasks, ...
     """
-    return None if cluster_cpus - training_cpus >= 1 else 0
+    from forge.errors import ConfigError
+
+    training = num_workers * cpus_per_worker
+    fits = max(0.1, (cluster_cpus - 1) / num_workers)
+    if cluster_cpus - training < 1:
+        raise ConfigError(
+            "data.source streams through Ray Data tasks, which need at least one CPU that the "
+            f"training workers do not reserve: the cluster has {cluster_cpus:g} CPU(s) and "
+            f"scaling.num_workers={num_workers} x scaling.cpus_per_worker={cpus_per_worker:g} "
+            f"reserve {training:g}. Set scaling.cpus_per_worker={fits:.2g}"
+            ", use fewer workers, or give the embedded Ray more logical CPUs "
+            f"(ray.num_cpus={int(training) + 1})."
+        )
 
 
 class FileFeed:
@@ -150,9 +168,22 @@ class FileFeed:
         # streaming_split(equal=True) gives each worker floor(rows / world_size) rows.
         self.rows_per_worker = table.train_rows // world_size
         self.batches_per_epoch = self.rows_per_worker // batch_size
+        self._current: Iterator[tuple[Any, Any]] | None = None
 
     def epoch(self, epoch: int) -> Iterator[tuple[Any, Any]]:
-        """This worker's batches of ``epoch``: exactly :attr:`batches_per_epoch` of them."""
+        """This worker's batches of ``epoch``: exactly :attr:`batches_per_epoch` of them.
+
+        The loop stops taking batches at the epoch's last full accumulation group; the rest of
+        the previous epoch is drained here first, because every worker's shard must finish an
+        epoch before Ray Data's split starts the next one.
+        """
+        if self._current is not None:
+            for _ in self._current:
+                pass
+        self._current = self._epoch(epoch)
+        return self._current
+
+    def _epoch(self, epoch: int) -> Iterator[tuple[Any, Any]]:
         seed = None
         if self.shuffle:
             seed = int(np.random.SeedSequence([self.seed, epoch, self.rank]).generate_state(1)[0])
@@ -165,8 +196,9 @@ class FileFeed:
         )
         n = 0
         for frame in batches:
-            yield self.table.encode(frame)
             n += 1
+            if n <= self.batches_per_epoch:
+                yield self.table.encode(frame)
         if n < self.batches_per_epoch:
             raise TrainingError(
                 f"worker {self.rank} got {n} batches of data.source in epoch {epoch}, expected "

@@ -420,6 +420,8 @@ def prepare_recipe(spec: RunSpec) -> PreparedData:
         loader = datamodule.train_dataloader()
         return profile_dataset(loader.dataset, source, loader.collate_fn)
     recipe = mod.build(params)
+    if recipe.train_data is None:  # nothing in memory to describe
+        return PreparedData(memory_fingerprint(source, "", 0), {}, None, [])
     return profile_dataset(recipe.train_data, source, recipe.collate_fn)
 
 
@@ -431,7 +433,15 @@ def prepare(spec: RunSpec) -> PreparedData:
 
         mod = import_recipe_module(spec.recipe.module)
         check_file_source(mod, spec.recipe.module, spec.recipe.kind)
-        return prepare_files(
+        prepared = prepare_files(
             spec.data, StorageOptions.from_spec(spec.storage), spec.scaling.num_workers
         )
+        if spec.checkpoint.monitor is not None and not prepared.table.has_val:
+            raise ConfigError(
+                f"checkpoint.monitor={spec.checkpoint.monitor} ranks checkpoints by a validation "
+                f"metric, but data.source={spec.data.source} has no validation rows. Set "
+                "data.val_fraction (e.g. 0.1) or data.val_source, or remove checkpoint.monitor "
+                "(checkpoint.monitor=null)."
+            )
+        return prepared
     return prepare_recipe(spec)

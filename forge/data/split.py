@@ -15,33 +15,44 @@ import numpy as np
 import pandas as pd
 
 
-def canonical(frame: pd.DataFrame) -> pd.DataFrame:
-    """Numbers (and bools) as float64, everything else as text; nulls as NaN / empty text.
+def canonical_columns(frame: pd.DataFrame) -> list[np.ndarray]:
+    """Each column as a plain numpy array: numbers (and bools) as float64 with NaN for nulls,
+    everything else as an object array of ``str`` with ``""`` for nulls.
+
+    Plain arrays, not a DataFrame: pandas' string inference (``future.infer_string``) must not
+    decide how a value hashes.
 
     Example:
-        >>> canonical(pd.DataFrame({"a": [1, None], "b": ["x", None]}))["b"].tolist()
-        ['x', '']
+        >>> frame = pd.DataFrame({"a": [1, None], "b": ["x", None]})
+        >>> [c.tolist() for c in canonical_columns(frame)]
+        [[1.0, nan], ['x', '']]
     """
-    out = {}
+    out = []
     for name in frame.columns:
         col = frame[name]
         if pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
-            out[name] = pd.to_numeric(col, errors="coerce").to_numpy(
-                dtype=np.float64, na_value=np.nan
-            )
+            values = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+            out.append(values + 0.0)  # -0.0 becomes 0.0
         else:
-            out[name] = np.array(
-                ["" if v is None or v is pd.NA or v != v else str(v) for v in col], dtype=object
+            out.append(
+                np.array(
+                    ["" if v is None or v is pd.NA or v != v else str(v) for v in col], dtype=object
+                )
             )
-    return pd.DataFrame(out, index=frame.index)
+    return out
 
 
 def row_hashes(frame: pd.DataFrame, seed: int = 0) -> np.ndarray:
     """A seeded 64-bit hash per row (uint64) of its canonical values."""
     key = hashlib.sha256(str(seed).encode()).hexdigest()[:16]
-    return pd.util.hash_pandas_object(canonical(frame), index=False, hash_key=key).to_numpy(
-        dtype=np.uint64
-    )
+    combined = np.zeros(len(frame), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for values in canonical_columns(frame):
+            # FNV-style mixing of the per-column siphashes (wrapping uint64 arithmetic).
+            combined = (combined * np.uint64(0x100000001B3)) ^ pd.util.hash_array(
+                values, hash_key=key, categorize=False
+            )
+    return combined
 
 
 def val_mask(

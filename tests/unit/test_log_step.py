@@ -63,8 +63,8 @@ def test_logged_loss_is_the_mean_of_its_window_with_the_async_reduction(
     losses: list[torch.Tensor] = []
     build = forge.loop.build_recipe
 
-    def recording_recipe(spec: Any) -> Any:
-        recipe = build(spec)
+    def recording_recipe(spec: Any, data_table: Any = None) -> Any:
+        recipe = build(spec, data_table)
         loss_fn = recipe.loss_fn
 
         def recorded(model: Any, batch: Any) -> torch.Tensor:

@@ -560,6 +560,28 @@ def test_best_checkpoint_by_monitor(tmp_path: Path) -> None:
     )
 
 
+def test_resume_with_a_new_lr_uses_it_from_the_first_step(tmp_path: Path) -> None:
+    # A PBT exploit continues another trial's checkpoint with a mutated lr: the checkpoint's
+    # optimizer state must not bring the old lr back for the first step(s).
+    from safetensors.torch import load
+
+    sgd = ["optim=sgd", "optim.momentum=0.0", "optim.scheduler=constant"]
+    first = run_loop(
+        digits_spec(tmp_path, "trainer.max_steps=10", "optim.lr=0.5", *sgd),
+        plan_for(tmp_path / "first"),
+        WorkerContext(),
+    )
+    second = run_loop(
+        digits_spec(tmp_path, "trainer.max_steps=11", "optim.lr=1e-12", *sgd),
+        plan_for(tmp_path / "second", resume_from=first["last_checkpoint"]),
+        WorkerContext(),
+    )
+    before = load(Path(first["last_checkpoint"], "model.safetensors").read_bytes())
+    after = load(Path(second["last_checkpoint"], "model.safetensors").read_bytes())
+    # one SGD step at lr 1e-12 moves no weight visibly; at the checkpoint's 0.5 it would
+    assert max((after[k] - before[k]).abs().max().item() for k in before) < 1e-9
+
+
 # --------------------------------------------------------------------------------------------
 # (f) resume is idempotent for everything a run appends (metrics.jsonl, TensorBoard)
 

@@ -1,0 +1,159 @@
+"""forge sweep vs a bare Ray Tune + TorchTrainer sweep of the same digits trials; ratios printed.
+
+1. Overhead: ``--trials`` digits trials (``--steps`` steps, 1 worker, 2 concurrent) through
+   ``forge.sweep`` against a bare ``Tuner`` whose driver function runs a plain ``TorchTrainer``
+   loop of the same model, data, optimizer and steps. Wall-time ratio (target <= 1.10).
+2. Value: ASHA against the basic sweeper with the same trials on digits: optimizer steps
+   consumed (all trials together) by the sweep, and whether a trial reached
+   val/accuracy >= 0.95; ratio ASHA / basic (target <= 0.6).
+
+    python scripts/bench/sweep_overhead.py                 # both, embedded Ray with 4 CPUs
+    python scripts/bench/sweep_overhead.py --only overhead --trials 8 --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+LRS = [0.3, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001, 0.0005, 0.0002, 0.0001, 0.00005]
+
+
+def bare_worker(config: dict) -> None:
+    import ray.train
+    import torch
+    from torch.utils.data import DataLoader
+
+    from recipes.digits import DigitsCNN, load_digits_tensors
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    train, val = load_digits_tensors(0.2, 0)
+    model = DigitsCNN(16, 0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9)
+    loader = DataLoader(train, batch_size=64, shuffle=True, drop_last=True)
+    step = 0
+    while step < config["steps"]:
+        for x, y in loader:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if step >= config["steps"]:
+                break
+    model.eval()
+    with torch.no_grad():
+        x, y = val.tensors
+        logits = model(x)
+        metrics = {
+            "val/loss": torch.nn.functional.cross_entropy(logits, y).item(),
+            "val/accuracy": (logits.argmax(1) == y).float().mean().item(),
+        }
+    ray.train.report(metrics)
+
+
+def bare_driver(config: dict) -> None:
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        bare_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=1),
+        run_config=ray.train.RunConfig(storage_path=tempfile.mkdtemp()),
+    )
+    result = trainer.fit()
+    tune.report(dict(result.metrics or {}))
+
+
+def run_bare(trials: int, steps: int) -> float:
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    start = time.perf_counter()
+    tuner = tune.Tuner(
+        tune.with_resources(bare_driver, {"cpu": 0, "memory": 1}),
+        param_space={"lr": tune.grid_search(LRS[:trials]), "steps": steps},
+        tune_config=tune.TuneConfig(search_alg=BasicVariantGenerator(max_concurrent=2)),
+        run_config=tune.RunConfig(storage_path=tempfile.mkdtemp(), verbose=0),
+    )
+    tuner.fit()
+    return time.perf_counter() - start
+
+
+def forge_overrides(root: str, trials: int, steps: int, *extra: str) -> list[str]:
+    lrs = ",".join(repr(x) for x in LRS[:trials])
+    return [
+        "experiment=digits",
+        "ray.address=auto",
+        f"storage.uri={root}",
+        "scaling.num_workers=1",
+        "optim=sgd",
+        f"trainer.max_steps={steps}",
+        f"trainer.val_every_n_steps={max(1, steps // 5)}",
+        f"checkpoint.every_n_steps={max(1, steps // 5)}",
+        "sweep.max_concurrent_trials=2",
+        f"optim.lr={lrs}",
+        *extra,
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--value-steps", type=int, default=200)
+    parser.add_argument("--only", choices=["both", "overhead", "value"], default="both")
+    args = parser.parse_args()
+
+    import ray
+
+    import forge
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    if args.only in ("both", "overhead"):
+        bare = run_bare(args.trials, args.steps)
+        start = time.perf_counter()
+        forge.sweep(forge_overrides(tempfile.mkdtemp(), args.trials, args.steps))
+        ours = time.perf_counter() - start
+        print(
+            f"| sweep of {args.trials} trials x {args.steps} steps | bare Tune+TorchTrainer "
+            f"{bare:.1f} s | forge.sweep {ours:.1f} s | ratio {ours / bare:.2f} (target <= 1.10) |"
+        )
+    if args.only in ("both", "value"):
+        used = {}
+        for name in ("basic", "asha"):
+            extra = [f"sweep={name}"] + (
+                [f"sweep.grace_period={max(1, args.value_steps // 5)}"] if name == "asha" else []
+            )
+            result = forge.sweep(
+                forge_overrides(
+                    tempfile.mkdtemp(),
+                    args.trials,
+                    args.value_steps,
+                    *extra,
+                    "sweep.metric=val/accuracy",
+                    "sweep.mode=max",
+                )
+            )
+            best = result.best_metric or 0.0
+            used[name] = (sum(t["steps"] for t in result.trials), best)
+        (b_steps, b_best), (a_steps, a_best) = used["basic"], used["asha"]
+        print(
+            f"| steps consumed | basic {b_steps} (best acc {b_best:.3f}) | asha {a_steps} "
+            f"(best acc {a_best:.3f}) | ratio {a_steps / b_steps:.2f} (target <= 0.6; both "
+            f"must reach 0.95) |"
+        )
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
