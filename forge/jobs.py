@@ -401,6 +401,12 @@ def make_client(address: str | None = None) -> Any:
     url = resolve_address(address)
     try:
         return JobSubmissionClient(url, headers=auth_headers(load_token()))
+    except _auth_error() as exc:  # 401/403 from a token-auth cluster: no or a wrong token
+        raise ConfigError(
+            f"The Ray job server at {url} refused this client ({_first_line(exc)}): the "
+            "cluster uses token authentication. Put its token (`ray get-auth-token` on the "
+            "head prints it) in RAY_AUTH_TOKEN or ~/.ray/auth_token."
+        ) from None
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ConfigError(
             f"Cannot reach the Ray job server at {url} ({_first_line(exc)}). Check the address "
@@ -408,6 +414,15 @@ def make_client(address: str | None = None) -> Any:
             "forwards it), and for a token-auth cluster set RAY_AUTH_TOKEN or "
             "~/.ray/auth_token."
         ) from None
+
+
+def _auth_error() -> type[BaseException]:
+    """Ray's error for a 401/403 from the job server (a RayError, not a RuntimeError)."""
+    try:
+        from ray.exceptions import AuthenticationError
+    except ImportError:  # a Ray before token authentication (2.52)
+        return RuntimeError
+    return AuthenticationError
 
 
 def _first_line(exc: BaseException) -> str:
@@ -547,7 +562,7 @@ def _call(what: str, fn: Callable[[], Any]) -> Any:
 
     try:
         return fn()
-    except (RuntimeError, ConnectionError, OSError, ValueError) as exc:
+    except (_auth_error(), RuntimeError, ConnectionError, OSError, ValueError) as exc:
         raise ClusterError(f"{what}: {_first_line(exc)}") from None
 
 

@@ -33,12 +33,12 @@ trap 'rm -f "$constraints"' EXIT
 "$PY" -W ignore -c 'import torch; print("torch==" + torch.__version__)' >"$constraints"
 
 # Skip pip entirely when forge is already installed from this checkout with its extras.
-if ! "$PY" -c 'import forge, moto, deepspeed, onnxruntime, onnxscript, pandera, optuna, mlflow, pytest' >/dev/null 2>&1 \
+if ! "$PY" -c 'import forge, moto, deepspeed, onnxruntime, onnxscript, pandera, optuna, mlflow, pytest, aiohttp_cors' >/dev/null 2>&1 \
    || [ pyproject.toml -nt "$VENV/.forge-installed" ] \
    || [ requirements/constraints.txt -nt "$VENV/.forge-installed" ]; then
   echo "[setup] installing forge and its dependencies into $VENV (a few minutes the first time)"
   "$PY" -m pip install -q -c "$constraints" -c requirements/constraints.txt \
-    -e ".[dev,export,deepspeed,data,sweep,mlops]" 2>&1 \
+    -e ".[dev,export,deepspeed,data,sweep,mlops,cluster]" 2>&1 \
     | grep -v "is ignored: it is neither a file nor a directory" || true
   "$PY" -c 'import forge, ray, hydra, pytorch_lightning' # fail loudly if the install did not take
   touch "$VENV/.forge-installed"

@@ -41,23 +41,23 @@ def ray_cluster() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def job_server(ray_cluster: str) -> Iterator:
-    """A job server for ``ray_cluster`` (``.url``, ``.token``), with token auth.
+def jobs_cluster() -> Iterator:
+    """A real 2-node Ray cluster with Ray's job server (the dashboard), token auth on.
 
-    Ray's own job server runs in the dashboard, which needs ``ray[default]``; where that is
-    installed, ``ray start --include-dashboard`` would serve it. Here it is not, so a stand-in
-    that speaks the same HTTP API to the real JobSubmissionClient runs the jobs the way Ray's
-    job supervisor does (see tests/job_server.py).
+    ``ray start --head`` (2 CPUs, dashboard on 127.0.0.1) plus a second raylet (2 CPUs), in a
+    temp dir and on ports of their own, so it never collides with ``ray_cluster`` or another
+    engineer's Ray. Torn down by the PIDs of its own processes (found by that temp dir), never
+    ``ray stop``, which would stop every Ray of this user. The pytest process never joins it
+    (a driver holds one Ray at a time): tests talk to it only over the job HTTP API (``.url``,
+    ``.token``).
     """
-    import secrets
+    from jobs_cluster import RayJobsCluster
 
-    from job_server import FakeJobServer
-
-    server = FakeJobServer(ray_cluster, token=secrets.token_hex(16))
+    cluster = RayJobsCluster()
     try:
-        yield server
+        yield cluster
     finally:
-        server.close()
+        cluster.close()
 
 
 @pytest.fixture()

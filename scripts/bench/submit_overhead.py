@@ -6,10 +6,10 @@ clock runs from starting the command to the first training step printed on its c
 (``trainer.log_every_n_steps=1``). The script prints both medians, their ratio, and the size
 of the working dir that ``forge submit`` uploaded (files and zipped).
 
-The job server is the stand-in of ``tests/job_server.py`` (Ray's own runs in the dashboard,
-which needs ``ray[default]``): it runs jobs as Ray's supervisor does (unpacked working dir,
-the job's runtime env handed to the driver), so the measured overhead is forge's validation,
-packaging and upload, the job's start, and the runtime env being set up for the workers.
+The cluster is real: ``ray start --head`` with Ray's job server (the dashboard) plus a second
+raylet, token auth on (``tests/jobs_cluster.py``), so the measured overhead is forge's
+validation, packaging and upload, the job supervisor's start, and the runtime env being set up
+for the workers.
 
     python scripts/bench/submit_overhead.py --repeats 3
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "tests"))  # job_server, moto_server: the tests' helpers
+sys.path.insert(0, str(REPO_ROOT / "tests"))  # jobs_cluster, moto_server: the tests' helpers
 
 STEP_LINE = re.compile(r"^step \d+")
 
@@ -61,21 +61,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
 
-    import logging
-    import secrets
-
-    import ray
-    from job_server import FakeJobServer
-    from ray.cluster_utils import Cluster
+    from jobs_cluster import RayJobsCluster
 
     from forge.jobs import plan_submission
 
-    logging.getLogger("ray").setLevel(logging.WARNING)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    cluster.add_node(num_cpus=2)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING)
-    server = FakeJobServer(cluster.address, token=secrets.token_hex(16))
+    cluster = RayJobsCluster()
     root = tempfile.mkdtemp(prefix="forge-bench-submit-")
     common = [
         f"storage.uri={root}",
@@ -85,13 +75,15 @@ def main() -> None:
         "checkpoint.every_n_steps=0",
         "scaling.num_workers=2",
         "scaling.placement_strategy=SPREAD",
+        "storage.shared=true",  # both "nodes" share this machine's disk
     ]
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO_ROOT),
         "OMP_NUM_THREADS": "1",
-        "RAY_API_SERVER_ADDRESS": server.url,
-        "RAY_AUTH_TOKEN": server.token,
+        "RAY_API_SERVER_ADDRESS": cluster.url,
+        "RAY_AUTH_MODE": "token",  # the direct driver joins the token-auth cluster too
+        "RAY_AUTH_TOKEN": cluster.token,
     }
     env.pop("RAY_ADDRESS", None)
     py = sys.executable
@@ -113,19 +105,15 @@ def main() -> None:
             )
             print(f"round {i}: direct {direct_s[-1]:.1f} s, submit {submit_s[-1]:.1f} s")
         plan = plan_submission(common, working_dir=REPO_ROOT)
-        zipped = sorted(server.packages_uploaded.values())
     finally:
-        server.close()
-        ray.shutdown()
-        cluster.shutdown()
+        cluster.close()
     direct, submit = statistics.median(direct_s), statistics.median(submit_s)
     print(f"time to first step, python -m forge ray.address=...: {direct:.1f} s (median)")
     print(f"time to first step, forge submit --follow:          {submit:.1f} s (median)")
     print(f"ratio submit / direct: {submit / direct:.2f}")
     print(
-        f"working dir upload: {plan.upload_bytes / 2**20:.2f} MiB in files, "
-        f"{zipped[-1] / 2**20:.2f} MiB zipped (uploaded {len(zipped)}x: the job server keeps "
-        "a package by content hash, so an unchanged project is sent once)"
+        f"working dir upload: {plan.upload_bytes / 2**20:.2f} MiB in files (Ray zips it and "
+        "keeps the package by content hash, so an unchanged project is sent once)"
     )
 
 

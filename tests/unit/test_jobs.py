@@ -327,3 +327,14 @@ def test_jobs_cli_list_status_and_stop(monkeypatch, capsys) -> None:
     assert capsys.readouterr().out.startswith("RUNNING")
     assert jobs_main(["stop", "forge-exp-1234"]) == 0
     assert "STOPPED" in capsys.readouterr().err
+
+
+def test_a_refused_token_is_one_paragraph_not_a_ray_traceback() -> None:
+    # Ray raises AuthenticationError (a RayError, not a RuntimeError) for a 401/403.
+    from ray.exceptions import AuthenticationError
+
+    def refused() -> None:
+        raise AuthenticationError("Authentication required: Unauthorized\n\nset RAY_AUTH_TOKEN")
+
+    with pytest.raises(ClusterError, match="listing the cluster's jobs: Authentication required"):
+        jobs._call("listing the cluster's jobs", refused)
