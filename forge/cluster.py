@@ -174,7 +174,7 @@ def local_storage_problem(storage: StorageSpec, hosts: list[str]) -> str | None:
     Example:
         >>> local_storage_problem(StorageSpec(uri="runs"), ["10.0.0.1"]) is None
         True
-        >>> local_storage_problem(StorageSpec(uri="s3://b/runs"), ["10.0.0.1", "10.0.0.2"])
+        >>> local_storage_problem(StorageSpec(uri="s3://bucket/runs"), ["10.0.0.1", "10.0.0.2"])
         >>> local_storage_problem(StorageSpec(uri="runs"), ["10.0.0.1", "10.0.0.2"])[:40]
         'storage.uri=runs is a local path, but th'
     """

@@ -395,13 +395,13 @@ def test_a_recipe_without_an_input_spec_is_refused(tmp_path: Path, capsys: Any) 
 def test_cli_arguments_are_validated(tmp_path: Path) -> None:
     uri, settings, options = parse(
         [
-            "checkpoint=s3://b/runs/x",
+            "checkpoint=s3://bucket/runs/x",
             "export.formats=[onnx,safetensors]",
             "export.tolerance.onnx.rtol=0.01",
             "storage.endpoint_url=http://127.0.0.1:9000",
         ]
     )
-    assert uri == "s3://b/runs/x" and settings.formats == ["onnx", "safetensors"]
+    assert uri == "s3://bucket/runs/x" and settings.formats == ["onnx", "safetensors"]
     assert settings.tolerance.for_format("onnx").rtol == 0.01
     assert settings.tolerance.for_format("onnx").atol == 1e-5
     assert settings.tolerance.for_format("safetensors").rtol == 1e-3
