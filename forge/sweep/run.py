@@ -199,6 +199,7 @@ def make_scheduler(plan: SweepPlan, concurrent: int) -> tuple[Any, Any]:
         hyperparam_mutations=mutations,
         quantile_fraction=s.quantile_fraction,
         resample_probability=s.resample_probability,
+        synch=s.synch,
     )
     return pbt, variants
 

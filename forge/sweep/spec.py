@@ -38,6 +38,11 @@ class SweepSpec(BaseModel):
     perturbation_interval: int = Field(100, gt=0, description="steps between perturbations")
     quantile_fraction: float = Field(0.25, gt=0, le=0.5)
     resample_probability: float = Field(0.25, ge=0, le=1)
+    # Synchronous PBT: exploit only when every trial has reached the boundary. Asynchronous PBT
+    # on a small population whose trials start seconds apart (each starts a worker group)
+    # often never exploits: a trial records its checkpoint for cloning only when it is in the
+    # top quantile at its own boundary, and the others have not reported yet.
+    synch: bool = True
 
 
 # Keys PBT may change between two segments of one run: the checkpoint of one trial must load

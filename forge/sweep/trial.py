@@ -128,6 +128,18 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     overrides = trial_overrides(setup, values, run_name, resume)
     cfg = compose(overrides, setup.config_dir)
     run_uri = storage.join(setup.sweep_uri, run_name)
+    spec = to_run_spec(cfg)
+    if resume == "auto":
+        # A driver killed after this trial's run finished but before Tune saved that in its
+        # experiment state restarts the trial: report the finished run, never touch it again.
+        done = finished_run(run_uri, spec.trainer.max_steps, options)
+        if done is not None:
+            row, ckpt_uri, ckpt_step = done
+            reporter = _Reporter(setup, run_name, run_uri, trial_id, pointer)
+            reporter.checkpoints[ckpt_step] = ckpt_uri
+            reporter.pending = row
+            reporter.flush()
+            return
     record = {
         "trial_id": trial_id,
         "values": values,
@@ -159,7 +171,6 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     worker = threading.Thread(target=train_thread, name=f"forge-{run_name}", daemon=True)
     worker.start()
     reporter = _Reporter(setup, run_name, run_uri, trial_id, pointer)
-    spec = to_run_spec(cfg)
     reporter.checkpoint_every = spec.checkpoint.every_n_steps
     while True:
         event = events.get()
@@ -172,6 +183,34 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     reporter.flush()
     if "error" in outcome:
         raise outcome["error"]
+
+
+def finished_run(
+    run_uri: str, max_steps: int | None, options: Any = None
+) -> tuple[dict[str, Any], str, int] | None:
+    """The last validation row and final checkpoint of a run that reached ``max_steps``.
+
+    Returns:
+        ``(row, checkpoint_uri, checkpoint_step)``, or None when the run is not finished (no
+        committed checkpoint at ``max_steps``) or logged no validation.
+    """
+    from forge.checkpoint import storage
+    from forge.checkpoint.store import CheckpointStore
+
+    if not max_steps:
+        return None
+    ckpt = CheckpointStore(run_uri, options=options).latest(verify=False)
+    if ckpt is None or ckpt.step < max_steps:
+        return None
+    metrics_uri = storage.join(run_uri, "metrics.jsonl")
+    if not storage.exists(metrics_uri, options):
+        return None
+    lines = storage.read_bytes(metrics_uri, options).decode().splitlines()
+    rows = [json.loads(line) for line in lines if line.strip()]
+    vals = [r for r in rows if any(k.startswith("val/") for k in r)]
+    if not vals:
+        return None
+    return {"event": "val", **vals[-1]}, ckpt.uri, ckpt.step
 
 
 class _Reporter:

@@ -37,14 +37,19 @@ def small(address: str, storage: str, *extra: str) -> list[str]:
 
 
 def test_asha_sweep_on_digits(ray_cluster: str, tmp_path: Path) -> None:
-    # Grid order is trial order; with 2 at a time the lr=1e-4 trials meet the good ones' rung
-    # results and are the ones ASHA stops.
+    # Kept small for CI's default budget (20 steps, rungs at 5 and 10, 4 trials of 1 worker).
+    # Grid order is trial order; with 2 at a time the lr=1e-5 trial meets the good ones' rung
+    # results and is one that ASHA stops.
     result = forge.sweep(
         small(
             ray_cluster,
             str(tmp_path),
+            "trainer.max_steps=20",
+            "trainer.log_every_n_steps=5",
+            "trainer.val_every_n_steps=5",
+            "checkpoint.every_n_steps=5",
             "sweep=asha",
-            "sweep.grace_period=10",
+            "sweep.grace_period=5",
             "sweep.max_concurrent_trials=2",
             "optim.lr=0.2,0.0002,0.1,0.00001",
         )
@@ -53,8 +58,8 @@ def test_asha_sweep_on_digits(ray_cluster: str, tmp_path: Path) -> None:
     by_lr = {t["params"]["optim.lr"]: t for t in result.trials}
     assert all(t["status"] == "TERMINATED" for t in result.trials)
     assert any(t["stopped_early"] for t in result.trials), result.trials
-    assert by_lr[0.2]["steps"] == 30 and not by_lr[0.2]["stopped_early"]
-    assert by_lr[0.00001]["stopped_early"] and by_lr[0.00001]["steps"] < 30
+    assert by_lr[0.2]["steps"] == 20 and not by_lr[0.2]["stopped_early"]
+    assert by_lr[0.00001]["stopped_early"] and by_lr[0.00001]["steps"] < 20
     sweep_dir = Path(result.sweep_dir)
     assert sweep_dir.parent == tmp_path
     rows = list(csv.DictReader((sweep_dir / "trials.csv").open()))

@@ -91,3 +91,20 @@ def test_decide_run():
     assert decide_run("a", other, lambda n: True) == ("trial-a-from-b-20", "auto", None)
     mine_later = {"uri": "/s/x/step_30", "run_name": "trial-a-from-b-20", "step": 30}
     assert decide_run("a", mine_later, lambda n: True) == ("trial-a-from-b-20", "auto", None)
+
+
+def test_finished_run_is_reported_not_reopened(tmp_path):
+    from forge.checkpoint.store import CheckpointStore
+    from forge.sweep.trial import finished_run
+
+    run = str(tmp_path / "trial-t1")
+    store = CheckpointStore(run)
+    store.save(10, {"model.bin": b"w10"}, strategy="test")
+    rows = [{"step": 5, "time": 1.0, "train/loss": 2.0}, {"step": 10, "time": 2.0, "val/loss": 0.7}]
+    (tmp_path / "trial-t1" / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows)
+    )
+    assert finished_run(run, 20, None) is None  # step 10 of 20: not finished, train continues
+    row, uri, step = finished_run(run, 10, None)
+    assert (row["val/loss"], row["step"], row["event"], step) == (0.7, 10, "val", 10)
+    assert uri == store.committed()[-1].uri
