@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from forge.config.specs import LaunchPlan, RunSpec
-from forge.errors import ForgeError, TrainingError
+from forge.errors import ConfigError, ForgeError, TrainingError
 
 ProgressFn = Callable[[dict[str, Any]], None]
 T = TypeVar("T")
@@ -199,25 +199,35 @@ def _fit_once(spec: RunSpec, plan: LaunchPlan, on_progress: ProgressFn) -> dict[
 
 
 def _ship_recipe_file(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str | None]:
-    """A ``recipe.module`` file that exists here travels to every worker in the runtime env.
+    """Make a ``recipe.module`` file that exists here importable by every worker.
 
-    Workers on other nodes do not have the file; they import the copy from this one-file
-    package instead (forge.recipe.import_recipe_module). The path is made absolute so that
-    every worker derives the same package name from it. Returns the spec, the workers'
-    runtime env and the staging folder to delete after the run.
+    On one machine every worker reads the file where it is (the path is made absolute, so
+    that every worker derives the same module name from it). A cluster of several machines
+    is refused: Ray accepts local folders in ``py_modules`` only in a job's runtime env
+    (``forge submit`` ships the file with the job), not in a worker group's. Returns the spec,
+    the workers' runtime env and a staging folder to delete after the run (None here).
+
+    Raises:
+        ConfigError: A recipe file on this machine and workers on other machines.
     """
     from pathlib import Path
 
-    from forge.recipe import stage_recipe_file
+    import ray
 
     module = spec.recipe.module
     if not module.endswith(".py") or not Path(module).expanduser().is_file():
         return spec, {}, None  # a module path, or already shipped by a submitted job's env
     path = Path(module).expanduser().resolve()
-    staging = tempfile.mkdtemp(prefix="forge-recipe-")
-    env = {"py_modules": [stage_recipe_file(path, staging)]}
-    spec = spec.model_copy(update={"recipe": spec.recipe.model_copy(update={"module": str(path)})})
-    return spec, env, staging
+    hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+    if len(hosts) > 1:
+        raise ConfigError(
+            f"recipe.module={module} is a file on this machine, and the cluster spans "
+            f"{len(hosts)} machines whose workers cannot read it. Submit the run with "
+            "`python -m forge submit ...` (the job ships the file with its working dir), or "
+            "make the recipe part of a package installed on every node (recipe.module=pkg.mod)."
+        )
+    recipe = spec.recipe.model_copy(update={"module": str(path)})
+    return spec.model_copy(update={"recipe": recipe}), {}, None
 
 
 def _pump(queue: Any, on_progress: ProgressFn, stop: threading.Event) -> None:

@@ -12,7 +12,7 @@ optimizer, checkpoints, logging. Two kinds are first-class:
 
 Modules are found by import path (``recipe.module=recipes.digits``) or by file
 (``recipe.module=/abs/path/my_recipe.py``). A file travels to the other nodes of a cluster in
-the runtime env, as a one-file package (:func:`stage_recipe_file`, used by ``forge.launch`` and
+a submitted job's runtime env, as a one-file package (:func:`stage_recipe_file`, used by
 ``forge.jobs``); where the path does not exist, the import finds that copy.
 """
 

@@ -134,7 +134,9 @@ def test_checkpoints_stream_to_s3_and_resume_from_there_with_nothing_local(
     options = StorageOptions(endpoint_url=s3_server)
     rows = storage.read_bytes(f"{s3_bucket}/runs/exp/metrics.jsonl", options).splitlines()
     steps = [json.loads(r)["step"] for r in rows if b"train/loss" in r]
-    assert steps == [5, 10, 10, 15, 20]  # one log, continued; steps 6..10 were trained again
+    # One row per step: resuming from step 5 drops the first attempt's row of step 10 (issue 8:
+    # everything a run appends is idempotent across resumes); steps 6..10 were trained again.
+    assert steps == [5, 10, 15, 20]
     # keep_last=3 (the default): the newest three remain, step 10 rewritten by the second run
     ckpts = sorted(
         {k.split("/")[3] for k in keys(s3_client, s3_bucket, "runs/exp/checkpoints/step_")}
