@@ -59,23 +59,28 @@ def test_run_json_records_each_ranks_node(tmp_path: Path) -> None:
     assert [r["rank"] for r in info["placements"][0]["ranks"]] == [0, 1]
 
 
-def test_launch_ships_a_recipe_file_to_the_workers(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("hosts", [["10.0.0.1"], ["10.0.0.1", "10.0.0.2"]])
+def test_a_recipe_file_is_read_in_place_on_one_machine_and_refused_on_several(
+    tmp_path: Path, monkeypatch, hosts: list[str]
+) -> None:
+    """Ray takes local py_modules only at the job level; a worker group's env refuses them."""
+    import ray
+
+    from forge.errors import ConfigError
     from forge.launch import _ship_recipe_file
-    from forge.recipe import shipped_package_name
 
     source = Path(__file__).resolve().parents[2] / "recipes" / "digits.py"
     (tmp_path / "mine.py").write_text(source.read_text())
     monkeypatch.chdir(tmp_path)
+    nodes = [{"NodeManagerAddress": h, "Alive": True} for h in hosts]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
     spec = to_run_spec(compose(["recipe.module=mine.py", "recipe.name=mine"]))
+    if len(hosts) > 1:
+        with pytest.raises(ConfigError, match="forge submit"):
+            _ship_recipe_file(spec)
+        return
     shipped, env, staging = _ship_recipe_file(spec)
-    try:
-        assert shipped.recipe.module == str(tmp_path / "mine.py")  # absolute: same name everywhere
-        (package,) = env["py_modules"]
-        assert Path(package).name == shipped_package_name(tmp_path / "mine.py")
-        assert (Path(package) / "mine.py").is_file()
-    finally:
-        import shutil
-
-        shutil.rmtree(staging)
+    assert shipped.recipe.module == str(tmp_path / "mine.py")  # absolute: same name everywhere
+    assert env == {} and staging is None
     plain = to_run_spec(compose([]))
     assert _ship_recipe_file(plain) == (plain, {}, None)
