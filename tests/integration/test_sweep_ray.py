@@ -57,9 +57,12 @@ def test_asha_sweep_on_digits(ray_cluster: str, tmp_path: Path) -> None:
     assert len(result.trials) == 4
     by_lr = {t["params"]["optim.lr"]: t for t in result.trials}
     assert all(t["status"] == "TERMINATED" for t in result.trials)
-    assert any(t["stopped_early"] for t in result.trials), result.trials
-    assert by_lr[0.2]["steps"] == 20 and not by_lr[0.2]["stopped_early"]
-    assert by_lr[0.00001]["stopped_early"] and by_lr[0.00001]["steps"] < 20
+    # Which trials ASHA stops depends on the order their rung results arrive (asynchronous
+    # halving), so the test asserts what ASHA guarantees: some trial stops at a rung, and
+    # some trial (the first to reach each rung is always promoted) trains all 20 steps.
+    stopped = [t for t in result.trials if t["stopped_early"]]
+    assert stopped and all(t["steps"] < 20 for t in stopped), result.trials
+    assert any(t["steps"] == 20 and not t["stopped_early"] for t in by_lr.values())
     sweep_dir = Path(result.sweep_dir)
     assert sweep_dir.parent == tmp_path
     rows = list(csv.DictReader((sweep_dir / "trials.csv").open()))
@@ -100,7 +103,8 @@ def test_asha_sweep_on_digits(ray_cluster: str, tmp_path: Path) -> None:
 
     assert val_losses(rerun_rows) == pytest.approx(val_losses(trial_rows), rel=1e-5)
     assert min(val_losses(rerun_rows).values()) == pytest.approx(result.best_metric, rel=1e-5)
-    assert yaml.safe_load((sweep_dir / "best.yaml").read_text())["optim"]["lr"] == 0.2
+    best_lr = yaml.safe_load((sweep_dir / "best.yaml").read_text())["optim"]["lr"]
+    assert best_lr == best["params"]["optim.lr"]
 
 
 @pytest.mark.slow
