@@ -9,6 +9,8 @@ writes trials.csv, best.yaml and plots.
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any
 
 
@@ -18,3 +20,17 @@ def __getattr__(name: str) -> Any:
 
         return getattr(run, name)
     raise AttributeError(name)
+
+
+class _CallablePackage(types.ModuleType):
+    """Importing any ``forge.sweep.*`` module binds this package as the attribute
+    ``forge.sweep``, shadowing the function of that name; calling the package runs the sweep,
+    so ``forge.sweep([...])`` works whatever was imported first."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from forge.sweep.run import sweep
+
+        return sweep(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

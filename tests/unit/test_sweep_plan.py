@@ -199,3 +199,13 @@ def test_write_results_commits_files_then_manifest(tmp_path: Path):
     data = yaml.safe_load(best)
     assert data["optim"]["lr"] == 0.01 and data["defaults"] == [{"override /recipe": "digits"}]
     assert files["best.yaml"].endswith("best.yaml")
+
+
+def test_forge_sweep_is_callable_whatever_was_imported_first(monkeypatch) -> None:
+    """Importing forge.sweep.* binds the package as forge.sweep; it must still run sweeps."""
+    import forge
+    import forge.sweep.grammar  # noqa: F401  (binds the package as the attribute)
+    import forge.sweep.run
+
+    monkeypatch.setattr(forge.sweep.run, "sweep", lambda overrides, **kw: ("swept", overrides))
+    assert forge.sweep(["sweep=asha"]) == ("swept", ["sweep=asha"])
