@@ -204,7 +204,7 @@ def test_write_results_commits_files_then_manifest(tmp_path: Path):
 def test_forge_sweep_is_callable_whatever_was_imported_first(monkeypatch) -> None:
     """Importing forge.sweep.* binds the package as forge.sweep; it must still run sweeps."""
     import forge
-    import forge.sweep.grammar  # noqa: F401  (binds the package as the attribute)
+    import forge.sweep.grammar  # binds the package as the attribute forge.sweep
     import forge.sweep.run
 
     monkeypatch.setattr(forge.sweep.run, "sweep", lambda overrides, **kw: ("swept", overrides))
