@@ -151,30 +151,13 @@ def check(
         try:
             outputs = runner(case.inputs)
         except Exception as exc:
-            rows.append(
-                Row(
-                    runtime,
-                    case.name,
-                    "*",
-                    float("inf"),
-                    float("inf"),
-                    None,
-                    False,
-                    f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
-                )
-            )
+            first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
+            rows.append(_failed_row(runtime, case.name, f"{type(exc).__name__}: {first_line}"))
             continue
         if len(outputs) != len(case.expected):
             rows.append(
-                Row(
-                    runtime,
-                    case.name,
-                    "*",
-                    float("inf"),
-                    float("inf"),
-                    None,
-                    False,
-                    f"{len(outputs)} outputs, expected {len(case.expected)}",
+                _failed_row(
+                    runtime, case.name, f"{len(outputs)} outputs, expected {len(case.expected)}"
                 )
             )
             continue
@@ -238,3 +221,8 @@ def latency(
             "p95_ms": float(np.percentile(times, 95)),
         }
     return out
+
+
+def _failed_row(runtime: str, case: str, note: str) -> Row:
+    """A row for a case whose outputs could not be compared at all (always a failure)."""
+    return Row(runtime, case, "*", float("inf"), float("inf"), None, False, note)
