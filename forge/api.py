@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 from rich.console import Console
+from rich.markup import escape
 
 from forge.checkpoint import storage
 from forge.checkpoint.lock import RunLock
@@ -139,7 +140,7 @@ def _train(
     saved_config = redacted_config(config)
     plan, notice = plan_run(spec, saved_config, launch_time)
     if notice:
-        console.print(notice)
+        console.print(notice, highlight=False, markup=False)
     # The data pass (forge.data): bad data is refused here, before any worker starts.
     from forge.data.prepare import prepare as prepare_data
 
@@ -189,7 +190,7 @@ def _train(
             )
         console.print(
             f"[bold]forge[/] {spec.recipe.name}: {spec.scaling.num_workers} worker(s), "
-            f"{spec.strategy.name} over {spec.scaling.backend}, run folder {plan.run_uri}"
+            f"{spec.strategy.name} over {spec.scaling.backend}, run folder {escape(plan.run_uri)}"
         )
         progress = ConsoleProgress(console)
 

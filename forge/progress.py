@@ -74,13 +74,15 @@ class ConsoleProgress:
         elif kind == "val":
             self._print(f"step {event['step']}  validation  {_format_metrics(event)}")
         elif kind == "checkpoint":
-            self._print(f"step {event['step']}  checkpoint committed: {event['uri']}")
+            self._print(f"step {event['step']}  checkpoint committed: {escape(str(event['uri']))}")
         elif kind == "resumed":
-            self._print(f"resumed from {event['uri']} at step {event['step']}")
+            self._print(f"resumed from {escape(str(event['uri']))} at step {event['step']}")
         elif kind == "warning":
-            self._print(f"[yellow]warning:[/] {event['message']}")
+            # Workers' messages quote library errors verbatim; gloo's carry "[/path/pair.cc:537]",
+            # which rich would read as a closing tag and raise MarkupError mid-run.
+            self._print(f"[yellow]warning:[/] {escape(str(event['message']))}")
         elif kind == "info":
-            self._print(escape(event["message"]))
+            self._print(escape(str(event["message"])))
 
     def _print(self, text: str) -> None:
         (self.bar.console if self.bar is not None else self.console).print(text)

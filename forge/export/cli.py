@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from rich.markup import escape
 
 from forge.errors import ConfigError, did_you_mean
 
@@ -128,5 +129,5 @@ def main(args: Sequence[str]) -> int:
         console.print(
             f"{fmt}: {status}  {rec.get('size_mb', 0):.3f} MiB  {lat_text}", highlight=False
         )
-    console.print(f"[bold green]exported[/] {result.uri}", highlight=False)
+    console.print(f"[bold green]exported[/] {escape(result.uri)}", highlight=False)
     return 0

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from forge.sweep.results import TrialRecord, best_trial, write_results
 from forge.sweep.spec import SweepPlan, plan_sweep
@@ -93,7 +94,7 @@ def sweep(
         console.print(
             f"[bold]forge sweep[/] {plan.name}: {plan.num_trials} trial(s) "
             f"({plan.sweep.scheduler}), {spec.scaling.num_workers} worker(s) each, "
-            f"{concurrent} at a time, {plan.metric} ({plan.mode}); folder {plan.uri}"
+            f"{concurrent} at a time, {plan.metric} ({plan.mode}); folder {escape(plan.uri)}"
         )
         tuner = build_tuner(plan, concurrent, console)
         grid = tuner.fit()
@@ -126,7 +127,9 @@ def build_tuner(plan: SweepPlan, concurrent: int, console: Console) -> Any:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     exp_path = f"{storage_path.rstrip('/')}/{plan.name}"
     if tune.Tuner.can_restore(exp_path, storage_filesystem=filesystem):
-        console.print(f"continuing the sweep in {plan.uri} (finished trials are not rerun)")
+        console.print(
+            f"continuing the sweep in {plan.uri} (finished trials are not rerun)", markup=False
+        )
         return tune.Tuner.restore(
             exp_path,
             trainable=trainable,
@@ -260,6 +263,7 @@ class LiveTable(_callback_base()):  # type: ignore[misc]
             f"{trial.trial_id:<14} {params}  step {step if step is not None else '-':>6}  "
             f"{self.plan.metric} {shown:>8}  {status}",
             highlight=False,
+            markup=False,
         )
 
     def on_trial_result(
@@ -399,5 +403,5 @@ def finish(
     )
     for name in ("trials.csv", "best.yaml"):
         if name in files:
-            console.print(f"  {name}: {files[name]}")
+            console.print(f"  {name}: {files[name]}", markup=False)
     return result
