@@ -48,6 +48,9 @@ def train_fn(config: dict[str, Any]) -> None:
         if sender is not None:
             sender(event)
 
+    # The driver gives this group back itself if its run is abandoned (forge.sweep.release).
+    send({"event": "placement_group", "id": ray.get_runtime_context().get_placement_group_id()})
+
     def all_reduce_sum(tensor: torch.Tensor) -> None:
         if distributed:
             dist.all_reduce(tensor)

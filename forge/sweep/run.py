@@ -16,6 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from forge.sweep.release import ReleaseStopped
 from forge.sweep.results import TrialRecord, best_trial, write_results
 from forge.sweep.spec import SweepPlan, plan_sweep
 from forge.sweep.trial import TrialSetup, run_trial
@@ -159,7 +160,7 @@ def build_tuner(plan: SweepPlan, concurrent: int, console: Console) -> Any:
             storage_path=storage_path,
             storage_filesystem=filesystem,
             verbose=0,
-            callbacks=[LiveTable(plan, console)],
+            callbacks=[LiveTable(plan, console), ReleaseStopped()],
             # Pointers are a few bytes; keeping them all avoids Tune's forced state snapshots.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             failure_config=tune.FailureConfig(max_failures=plan.base.trainer.max_failures),

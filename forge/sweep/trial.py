@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from forge.sweep.grammar import ParsedSweep, point_overrides
+from forge.sweep.release import RESULT_KEY
 
 POINTER_FILE = "forge_checkpoint.json"
 TRIAL_FILE = "sweep_trial.json"
@@ -238,10 +239,13 @@ class _Reporter:
         self.reported_ckpt: str | None = None
         self.total_steps: int | None = None
         self.checkpoint_every = 0
+        self.placement_group: str | None = None  # the run's workers' (forge.sweep.release)
 
     def handle(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
-        if kind == "start":
+        if kind == "placement_group":
+            self.placement_group = event.get("id")
+        elif kind == "start":
             self.total_steps = event.get("total_steps")
         elif kind == "log":
             self.train = {k: v for k, v in event.items() if k in ("train/loss", "lr")}
@@ -272,6 +276,8 @@ class _Reporter:
         metrics = {k: v for k, v in event.items() if k.startswith("val/")}
         metrics.update(self.train)
         metrics.update({"step": step, "run_dir": self.run_uri})
+        if self.placement_group:
+            metrics[RESULT_KEY] = self.placement_group
         checkpoint = None
         newest = max(self.checkpoints) if self.checkpoints else None
         if newest is not None and self.checkpoints[newest] != self.reported_ckpt:
