@@ -79,6 +79,7 @@ def train(
     overrides: Sequence[str] | None = None,
     console: Console | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    report_acks: Any = None,
 ) -> RunResult:
     """Train a recipe on Ray and return the result.
 
@@ -92,6 +93,10 @@ def train(
         console: Where progress and the summary go (stderr by default).
         on_progress: Also called with every progress event from rank 0 (validations,
             committed checkpoints, ...); a sweep trial reports them to Tune from here.
+        report_acks: A ``ray.util.queue.Queue`` that makes every validation a report point
+            (forge.sweep passes one): at each validation before the last, the workers commit
+            the pending checkpoints and rank 0 waits until the step number arrives on it, so
+            the run never trains ahead of what Tune has decided on.
 
     Returns:
         A :class:`RunResult`.
@@ -117,7 +122,7 @@ def train(
     secrets = env_secrets(config)
     console = console or make_console()
     try:
-        return _train(config, overrides, console, launch_time, secrets, on_progress)
+        return _train(config, overrides, console, launch_time, secrets, on_progress, report_acks)
     except ForgeError as exc:
         if not secrets:
             raise
@@ -131,6 +136,7 @@ def _train(
     launch_time: float,
     secrets: Sequence[str] = (),
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    report_acks: Any = None,
 ) -> RunResult:
     from forge.cluster import check_resources, check_storage_shared, ray_session
     from forge.launch import launch
@@ -204,7 +210,7 @@ def _train(
                 on_progress(event)
 
         try:
-            summary = launch(spec, plan, show)
+            summary = launch(spec, plan, show, report_acks)
         finally:
             progress.close()
     result = RunResult(

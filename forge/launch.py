@@ -43,8 +43,13 @@ _RESTARTABLE = {
 }
 
 
-def launch(spec: RunSpec, plan: LaunchPlan, on_progress: ProgressFn) -> dict[str, Any]:
+def launch(
+    spec: RunSpec, plan: LaunchPlan, on_progress: ProgressFn, report_acks: Any = None
+) -> dict[str, Any]:
     """Run ``spec`` on the connected Ray cluster; returns rank 0's final summary.
+
+    ``report_acks`` (a ``ray.util.queue.Queue``, from forge.sweep) holds rank 0 at each
+    validation until that step is acknowledged there (see :func:`forge.api.train`).
 
     A lost worker or node restarts the worker group (it resumes from the run's newest
     committed checkpoint), up to ``trainer.max_failures`` times; other failures end the run.
@@ -66,7 +71,9 @@ def launch(spec: RunSpec, plan: LaunchPlan, on_progress: ProgressFn) -> dict[str
         )
 
     return run_with_restarts(
-        lambda: _fit_once(spec, plan, on_progress), spec.trainer.max_failures, restarting
+        lambda: _fit_once(spec, plan, on_progress, report_acks),
+        spec.trainer.max_failures,
+        restarting,
     )
 
 
@@ -124,7 +131,9 @@ def is_restartable(exc: BaseException) -> bool:
     return any(type(e).__name__ in _RESTARTABLE for f in _failures(exc) for e in _cause_chain(f))
 
 
-def _fit_once(spec: RunSpec, plan: LaunchPlan, on_progress: ProgressFn) -> dict[str, Any]:
+def _fit_once(
+    spec: RunSpec, plan: LaunchPlan, on_progress: ProgressFn, report_acks: Any = None
+) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
@@ -165,7 +174,12 @@ def _fit_once(spec: RunSpec, plan: LaunchPlan, on_progress: ProgressFn) -> dict[
         train_fn,
         datasets=datasets,
         dataset_config=data_config,
-        train_loop_config={"spec": spec, "plan": plan, "progress": queue},
+        train_loop_config={
+            "spec": spec,
+            "plan": plan,
+            "progress": queue,
+            "report_acks": report_acks,
+        },
         torch_config=TorchConfig(backend=scaling.backend),
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers,

@@ -60,6 +60,9 @@ class WorkerContext:
             signal); checked, with the run lock, before each commit.
         all_reduce_sum_async: Starts ``all_reduce_sum`` without waiting and returns the
             function that waits for it (None: the blocking ``all_reduce_sum``).
+        wait_for_report: Optional ``(step) -> None``, set under a sweep: called on every rank
+            after each validation before the last, once that step's checkpoint is committed;
+            returns when Tune has taken the report (forge.sweep.trial).
     """
 
     rank: int = 0
@@ -72,6 +75,7 @@ class WorkerContext:
     report: Callable[[dict[str, Any]], None] = lambda metrics: None
     driver_alive: Callable[[], bool] | None = None
     all_reduce_sum_async: AllReduceAsync | None = None
+    wait_for_report: Callable[[int], None] | None = None
 
 
 @dataclass
@@ -392,6 +396,9 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
             streamer.poll()  # commits finished uploads; one tiny all-reduce while any is pending
             if state.step >= total_steps:
                 break
+            if validate_now and last_val and ctx.wait_for_report is not None:
+                streamer.finish()  # Tune's report carries this step's committed checkpoint
+                ctx.wait_for_report(state.step)
 
     log_train(train_loss.flush())
     if ckpt is not None and state.step == start_step:

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from forge.config.specs import LaunchPlan, RunSpec
+from forge.errors import TrainingError
 from forge.loop import WorkerContext
 from forge.progress_sender import BatchedSender
 
@@ -83,6 +84,30 @@ def train_fn(config: dict[str, Any]) -> None:
             return True
         return True
 
+    acks = config.get("report_acks")
+
+    def wait_for_report(step: int) -> None:
+        # A sweep trial's validation is a Tune report, and Tune's contract is that a report
+        # returns once Tune lets the trial go on (a pause or stop ends these workers instead).
+        # Without this, the run trains ahead of Tune's decisions, and synchronous PBT, which
+        # expects every trial at each boundary in turn, waits forever. Only rank 0 waits:
+        # the other ranks wait for it at the next collective.
+        if rank != 0:
+            return
+        from ray.util.queue import Empty
+
+        send({"event": "report", "step": step})  # after this step's val and checkpoint events
+
+        while True:
+            try:
+                if acks.get(timeout=30) >= step:
+                    return
+            except Empty:
+                if not driver_alive():
+                    raise TrainingError(  # noqa: B904
+                        "The sweep trial that started this run is gone; stopping its workers."
+                    )
+
     ctx = WorkerContext(
         rank=rank,
         local_rank=context.get_local_rank(),
@@ -93,6 +118,7 @@ def train_fn(config: dict[str, Any]) -> None:
         gather=gather,
         on_progress=send,
         driver_alive=driver_alive,
+        wait_for_report=wait_for_report if acks is not None else None,
     )
     if ctx.device.type == "cuda":
         torch.cuda.set_device(ctx.device)

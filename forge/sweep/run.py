@@ -19,7 +19,7 @@ from rich.markup import escape
 from forge.sweep.release import ReleaseStopped
 from forge.sweep.results import TrialRecord, best_trial, write_results
 from forge.sweep.spec import SweepPlan, plan_sweep
-from forge.sweep.trial import TrialSetup, run_trial
+from forge.sweep.trial import FINAL_KEY, TrialSetup, run_trial
 
 
 @dataclass(frozen=True)
@@ -161,6 +161,9 @@ def build_tuner(plan: SweepPlan, concurrent: int, console: Console) -> Any:
             storage_filesystem=filesystem,
             verbose=0,
             callbacks=[LiveTable(plan, console), ReleaseStopped()],
+            # A finished run's last report ends its trial: PBT would otherwise pause it there
+            # (synchronous PBT pauses every trial at a boundary) and wait for it forever.
+            stop=run_finished,
             # Pointers are a few bytes; keeping them all avoids Tune's forced state snapshots.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             failure_config=tune.FailureConfig(max_failures=plan.base.trainer.max_failures),
@@ -206,6 +209,11 @@ def make_scheduler(plan: SweepPlan, concurrent: int) -> tuple[Any, Any]:
         synch=s.synch,
     )
     return pbt, variants
+
+
+def run_finished(trial_id: str, result: dict[str, Any]) -> bool:
+    """Tune stopper: the trial's forge run has finished (its last report says so)."""
+    return bool(result.get(FINAL_KEY))
 
 
 def monitor_overrides(plan: SweepPlan) -> tuple[str, ...]:

@@ -206,6 +206,13 @@ def check_point(spec: RunSpec, sweep: SweepSpec, parsed: ParsedSweep) -> list[st
                 )
         if not parsed.dims:
             problems.append("sweep=pbt needs at least one swept key to mutate.")
+        if spec.recipe.kind == "lightning":
+            problems.append(
+                f"sweep=pbt with the Lightning recipe {spec.recipe.name}: PBT needs each trial to "
+                "wait at every validation until Tune has decided on it, and Lightning's loop "
+                "does not wait yet (its trials would train past PBT's boundaries). Use "
+                "sweep=asha or sweep=optuna, or a forge-loop recipe for PBT."
+            )
     return problems
 
 

@@ -30,6 +30,7 @@ from forge.sweep.grammar import ParsedSweep, point_overrides
 from forge.sweep.release import RESULT_KEY
 
 POINTER_FILE = "forge_checkpoint.json"
+FINAL_KEY = "forge_final"  # True on a trial's last report: its forge run has finished
 TRIAL_FILE = "sweep_trial.json"
 
 
@@ -139,7 +140,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
             reporter = _Reporter(setup, run_name, run_uri, trial_id, pointer)
             reporter.checkpoints[ckpt_step] = ckpt_uri
             reporter.pending = row
-            reporter.flush()
+            reporter.flush(final=True)
             return
     record = {
         "trial_id": trial_id,
@@ -152,8 +153,12 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         storage.join(run_uri, TRIAL_FILE), json.dumps(record, indent=2).encode(), options
     )
 
+    from ray.util.queue import Queue
+
     events: queue.Queue[dict[str, Any] | None] = queue.Queue()
     outcome: dict[str, Any] = {}
+    # Rank 0 waits at each validation until its step arrives here (after Tune took the report).
+    acks = Queue(actor_options={"num_cpus": 0})
 
     def train_thread() -> None:
         try:
@@ -162,7 +167,11 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
 
                 console = Console(file=sink) if not cfg.get("verbose") else make_console()
                 outcome["result"] = train(
-                    cfg, overrides=overrides, console=console, on_progress=events.put
+                    cfg,
+                    overrides=overrides,
+                    console=console,
+                    on_progress=events.put,
+                    report_acks=acks,
                 )
         except BaseException as exc:  # handed to the trial's thread, which Tune watches
             outcome["error"] = exc
@@ -171,7 +180,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
 
     worker = threading.Thread(target=train_thread, name=f"forge-{run_name}", daemon=True)
     worker.start()
-    reporter = _Reporter(setup, run_name, run_uri, trial_id, pointer)
+    reporter = _Reporter(setup, run_name, run_uri, trial_id, pointer, ack=acks.put)
     reporter.checkpoint_every = spec.checkpoint.every_n_steps
     while True:
         event = events.get()
@@ -181,7 +190,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     worker.join()
     # The final validation is reported only now, when forge has committed the last checkpoint
     # and released the run folder: a scheduler stops a trial at its last report.
-    reporter.flush()
+    reporter.flush(final="error" not in outcome)
     if "error" in outcome:
         raise outcome["error"]
 
@@ -224,8 +233,10 @@ class _Reporter:
         run_uri: str,
         trial_id: str,
         pointer: dict[str, Any] | None,
+        ack: Any = None,
     ) -> None:
         self.setup = setup
+        self.ack = ack  # tells rank 0 that the report of a step is settled (it may go on)
         self.run_name = run_name
         self.run_uri = run_uri
         self.trial_id = trial_id
@@ -262,8 +273,17 @@ class _Reporter:
             step = int(event["step"])
             if self.pending is not None and int(self.pending["step"]) == step != self.total_steps:
                 self.flush()  # the validation and the checkpoint of the same step, together
+        elif kind == "report":
+            # Rank 0 has committed this step's checkpoint (if one was due) and now waits: the
+            # report goes to Tune, and once tune.report returns, training may go on.
+            if self.pending is not None and int(self.pending["step"]) == int(event["step"]):
+                self.flush()
+            if self.ack is not None:
+                self.ack(int(event["step"]))
 
-    def flush(self) -> None:
+    def flush(self, final: bool = False) -> None:
+        """Report the pending validation to Tune; ``final`` marks the run's last report
+        (:data:`FINAL_KEY`: Tune stops the trial there, never pauses it; see forge.sweep.run)."""
         from ray import tune
 
         event, self.pending = self.pending, None
@@ -275,7 +295,7 @@ class _Reporter:
         self.last_step = step
         metrics = {k: v for k, v in event.items() if k.startswith("val/")}
         metrics.update(self.train)
-        metrics.update({"step": step, "run_dir": self.run_uri})
+        metrics.update({"step": step, "run_dir": self.run_uri, FINAL_KEY: final})
         if self.placement_group:
             metrics[RESULT_KEY] = self.placement_group
         checkpoint = None
@@ -293,7 +313,7 @@ class _Reporter:
                 json.dump(pointer, f)
             checkpoint = tune.Checkpoint.from_directory(folder)
         try:
-            tune.report(metrics, checkpoint=checkpoint)
+            tune.report(metrics, checkpoint=checkpoint)  # returns when Tune lets the trial go on
         finally:
             if checkpoint is not None:  # Tune has copied the pointer into the sweep folder
                 shutil.rmtree(checkpoint.path, ignore_errors=True)

@@ -719,3 +719,21 @@ def test_a_monitor_the_validation_does_not_produce_is_refused(tmp_path: Path) ->
     spec = digits_spec(tmp_path, "checkpoint.monitor=val/acuracy", "trainer.max_steps=10")
     with pytest.raises(ConfigError, match=r"val/acuracy.*Did you mean 'val/accuracy'"):
         run_loop(spec, plan_for(tmp_path / "run"), WorkerContext())
+
+
+def test_under_a_sweep_each_validation_waits_for_tune_after_its_commit(tmp_path: Path) -> None:
+    """Rank 0 stops at every validation before the last (a Tune report point) and only then:
+    the step's checkpoint is already committed and its events have gone out, in that order."""
+    spec = digits_spec(tmp_path, "trainer.val_every_n_steps=10", "checkpoint.every_n_steps=10")
+    events: list[dict[str, Any]] = []
+    waits: list[tuple[int, list[int]]] = []
+
+    def wait_for_report(step: int) -> None:
+        committed = [c.step for c in CheckpointStore(str(tmp_path / "run")).committed()]
+        waits.append((step, committed))
+        assert [e["event"] for e in events if e.get("step") == step][-2:] == ["val", "checkpoint"]
+
+    ctx = WorkerContext(on_progress=events.append, wait_for_report=wait_for_report)
+    run_loop(spec, plan_for(tmp_path / "run"), ctx)
+    assert [s for s, _ in waits] == [10, 20]  # not 30: the last report waits for the run's end
+    assert all(step in committed for step, committed in waits)

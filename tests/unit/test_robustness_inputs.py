@@ -51,7 +51,7 @@ def fake_ray(monkeypatch: pytest.MonkeyPatch) -> list:
     def session(spec, verbose=False):
         yield
 
-    def launch(spec, plan, on_progress):
+    def launch(spec, plan, on_progress, report_acks=None):
         launches.append((spec, plan))
         fence = commit_fence(plan.run_uri, plan.lock_token)
         store = CheckpointStore(plan.run_uri, fence=fence)
@@ -327,7 +327,7 @@ def test_validation_errors_never_echo_a_secret(tmp_path, monkeypatch) -> None:
 def test_worker_errors_and_console_lines_never_show_a_secret(tmp_path, fake_ray, monkeypatch):
     monkeypatch.setenv("MY_SECRET", SECRET)
 
-    def leaky_launch(spec, plan, on_progress):
+    def leaky_launch(spec, plan, on_progress, report_acks=None):
         on_progress({"event": "warning", "message": f"key {spec.recipe.params['api_key']}"})
         raise TrainingError(f"worker failed with key {spec.recipe.params['api_key']}")
 

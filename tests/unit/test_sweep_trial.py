@@ -51,6 +51,7 @@ def test_validation_waits_for_its_checkpoint_and_reports_a_pointer(reports):
         "lr": 0.1,
         "step": 10,
         "run_dir": "/s/trial-a",
+        "forge_final": False,
     }
     assert pointer == {
         "uri": "/s/trial-a/step_10",
@@ -63,8 +64,31 @@ def test_validation_waits_for_its_checkpoint_and_reports_a_pointer(reports):
     r.handle({"event": "val", "step": 25, "val/loss": 0.7})  # the last step saves a checkpoint
     r.handle({"event": "checkpoint", "step": 25, "uri": "/s/trial-a/step_25"})
     assert len(reports) == 2  # the last report waits for the run's end (run_trial flushes)
-    r.flush()
+    r.flush(final=True)
     assert reports[2][1]["uri"] == "/s/trial-a/step_25"
+    assert reports[2][0]["forge_final"] is True  # Tune's stopper ends the trial here
+
+
+def test_rank_0_goes_on_only_after_tune_took_the_report(reports):
+    """The report point: rank 0 committed step 10's checkpoint and waits for its ack."""
+    acks: list[int] = []
+    r = reporter()
+    r.ack = acks.append
+    r.handle({"event": "val", "step": 10, "val/loss": 0.9})
+    r.handle({"event": "checkpoint", "step": 10, "uri": "/s/trial-a/step_10"})
+    assert len(reports) == 1 and acks == []  # reported, but the ack waits for the report point
+    r.handle({"event": "report", "step": 10})
+    assert acks == [10]
+    # A checkpoint due at a validation step that never came (skipped): the report point
+    # still reports the validation, without a pointer, and lets rank 0 go on.
+    r.handle({"event": "val", "step": 20, "val/loss": 0.8})
+    r.handle({"event": "report", "step": 20})
+    assert reports[1][0]["step"] == 20 and reports[1][1] is None
+    assert acks == [10, 20]
+    # After a restart, steps Tune has seen are not reported again, but are still acked.
+    r.handle({"event": "val", "step": 15, "val/loss": 0.8})
+    r.handle({"event": "report", "step": 15})
+    assert len(reports) == 2 and acks == [10, 20, 15]
 
 
 def test_restarted_trial_never_reports_a_step_twice(reports):
