@@ -50,7 +50,13 @@ def train_fn(config: dict[str, Any]) -> None:
             sender(event)
 
     # The driver gives this group back itself if its run is abandoned (forge.sweep.release).
-    send({"event": "placement_group", "id": ray.get_runtime_context().get_placement_group_id()})
+    send(
+        {
+            "event": "placement_group",
+            "id": ray.get_runtime_context().get_placement_group_id(),
+            "lock_token": plan.lock_token,
+        }
+    )
 
     def all_reduce_sum(tensor: torch.Tensor) -> None:
         if distributed:

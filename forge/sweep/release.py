@@ -9,20 +9,35 @@ only through the State API, which needs the dashboard, and forge's embedded Ray 
 cluster) runs without one: there, every stopped trial kept its CPUs and the next trials waited
 for workers forever.
 
-So rank 0 of every forge run reports its placement group id (``event: placement_group``), the
-trial passes it on in each ``tune.report`` (:data:`RESULT_KEY`), and :class:`ReleaseStopped`
-removes it as soon as the trial is no longer running. A run that ended normally has already
-removed its own; removing is then a no-op.
+So rank 0 of every forge run reports its placement group id and its run lock's token
+(``event: placement_group``), the trial passes them on in each ``tune.report``
+(:data:`RESULT_KEY`, :data:`LOCK_KEY`), and :class:`ReleaseStopped` gives both back once the
+trial is no longer running. A run that ended normally has already given back its own; the
+release is then a no-op.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from forge.checkpoint.storage import StorageOptions
+
 RESULT_KEY = "forge_placement_group"
+LOCK_KEY = "forge_lock_token"
 _NOT_RUNNING = {"PAUSED", "TERMINATED", "ERROR"}
+
+
+@dataclass(frozen=True)
+class Held:
+    """What one trial's forge run holds until it ends: its workers' placement group, and the
+    lock of its run folder (``run_dir``; the lock is released only while it holds ``token``)."""
+
+    placement_group: str
+    run_dir: str | None = None
+    token: str | None = None
 
 
 def remove_placement_group(pg_id: str) -> bool:
@@ -42,6 +57,23 @@ def remove_placement_group(pg_id: str) -> bool:
     return True
 
 
+def release_run(held: Held, options: StorageOptions | None = None) -> None:
+    """Give back what a stopped trial's run held: its placement group, then its run lock.
+
+    The lock is deleted only if it still carries the stopped run's token: a restarted trial
+    that has already taken the folder again keeps its own. Without this, a trial that PBT
+    paused, resumed on another node, would find its own folder locked until the lock went
+    stale (``storage.lock_stale_after_s``), since a dead holder is recognised only on its host.
+    """
+    from forge.checkpoint.lock import RunLock
+
+    try:
+        remove_placement_group(held.placement_group)
+    finally:
+        if held.run_dir and held.token:
+            RunLock(held.run_dir, {"token": held.token}, options).release()
+
+
 def _callback_base() -> type:
     from ray.tune import Callback
 
@@ -49,55 +81,58 @@ def _callback_base() -> type:
 
 
 class ReleaseStopped(_callback_base()):  # type: ignore[misc]
-    """Tune callback: remove a trial's placement group once the trial has stopped running.
+    """Tune callback: give back what a trial's run held, once the trial has stopped running.
 
-    Removal waits ``grace_s`` after Tune marks the trial stopped, so that the trial's actor
+    Release waits ``grace_s`` after Tune marks the trial stopped, so that the trial's actor
     (which Tune ends right after) is gone first: removing the group under a live trial would
     look like lost workers to its forge driver, which could restart them in a new group.
 
     Args:
-        grace_s: Seconds between a trial leaving RUNNING and its group's removal.
-        remove: Removes one placement group by hex id (tests pass a recorder).
+        grace_s: Seconds between a trial leaving RUNNING and the release.
+        options: How to reach the sweep's storage (for the run locks).
+        release: Releases one :class:`Held` (tests pass a recorder).
         clock: ``time.monotonic`` (tests pass their own).
 
     Example:
-        >>> removed = []
-        >>> cb = ReleaseStopped(grace_s=0, remove=removed.append)
+        >>> released = []
+        >>> cb = ReleaseStopped(grace_s=0, release=released.append)
         >>> class T:
         ...     trial_id, status = "t1", "RUNNING"
-        >>> cb.on_trial_result(0, [T], T, {RESULT_KEY: "aa"})
+        >>> cb.on_trial_result(0, [T], T, {RESULT_KEY: "aa", "run_dir": "/s/trial-t1"})
         >>> T.status = "TERMINATED"
         >>> cb.on_step_end(1, [T])
-        >>> removed
+        >>> [h.placement_group for h in released]
         ['aa']
     """
 
     def __init__(
         self,
         grace_s: float = 5.0,
-        remove: Callable[[str], Any] = remove_placement_group,
+        options: StorageOptions | None = None,
+        release: Callable[[Held], Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.grace_s = grace_s
-        self.remove = remove
+        self.options = options
+        self.release = release or (lambda held: release_run(held, self.options))
         self.clock = clock
-        self.held: dict[str, str] = {}  # trial id -> the placement group of its current run
+        self.held: dict[str, Held] = {}  # trial id -> what its current run holds
         self.stopped_at: dict[str, float] = {}  # trial id -> when it was first seen stopped
 
     def __getstate__(self) -> dict[str, Any]:  # Tune saves its callbacks with the experiment
-        return {"grace_s": self.grace_s, "held": dict(self.held)}
+        return {"grace_s": self.grace_s, "options": self.options, "held": dict(self.held)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["grace_s"])  # type: ignore[misc]
+        self.__init__(state["grace_s"], state["options"])  # type: ignore[misc]
         self.held.update(state["held"])
 
     def _release(self, trial_id: str) -> None:
         self.stopped_at.pop(trial_id, None)
-        pg_id = self.held.pop(trial_id, None)
-        if pg_id is None:
+        held = self.held.pop(trial_id, None)
+        if held is None:
             return
         try:
-            self.remove(pg_id)
+            self.release(held)
         except Exception:  # already gone with its job, or Ray is shutting down: nothing held
             pass
 
@@ -107,9 +142,11 @@ class ReleaseStopped(_callback_base()):  # type: ignore[misc]
         pg_id = result.get(RESULT_KEY)
         if not pg_id:
             return
-        if self.held.get(trial.trial_id) not in (None, pg_id):
+        now = Held(pg_id, result.get("run_dir"), result.get(LOCK_KEY))
+        before = self.held.get(trial.trial_id)
+        if before is not None and before.placement_group != pg_id:
             self._release(trial.trial_id)  # a restarted trial: its previous run's group
-        self.held[trial.trial_id] = pg_id
+        self.held[trial.trial_id] = now
         self.stopped_at.pop(trial.trial_id, None)
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:

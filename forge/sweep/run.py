@@ -16,6 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from forge.checkpoint.storage import StorageOptions
 from forge.sweep.release import ReleaseStopped
 from forge.sweep.results import TrialRecord, best_trial, write_results
 from forge.sweep.spec import SweepPlan, plan_sweep
@@ -160,7 +161,10 @@ def build_tuner(plan: SweepPlan, concurrent: int, console: Console) -> Any:
             storage_path=storage_path,
             storage_filesystem=filesystem,
             verbose=0,
-            callbacks=[LiveTable(plan, console), ReleaseStopped()],
+            callbacks=[
+                LiveTable(plan, console),
+                ReleaseStopped(options=StorageOptions.from_spec(plan.base.storage)),
+            ],
             # A finished run's last report ends its trial: PBT would otherwise pause it there
             # (synchronous PBT pauses every trial at a boundary) and wait for it forever.
             stop=run_finished,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from forge.sweep.grammar import ParsedSweep, point_overrides
-from forge.sweep.release import RESULT_KEY
+from forge.sweep.release import LOCK_KEY, RESULT_KEY
 
 POINTER_FILE = "forge_checkpoint.json"
 FINAL_KEY = "forge_final"  # True on a trial's last report: its forge run has finished
@@ -251,11 +251,13 @@ class _Reporter:
         self.total_steps: int | None = None
         self.checkpoint_every = 0
         self.placement_group: str | None = None  # the run's workers' (forge.sweep.release)
+        self.lock_token: str | None = None  # the run folder's lock, held by this trial's run
 
     def handle(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
         if kind == "placement_group":
             self.placement_group = event.get("id")
+            self.lock_token = event.get("lock_token")
         elif kind == "start":
             self.total_steps = event.get("total_steps")
         elif kind == "log":
@@ -298,6 +300,8 @@ class _Reporter:
         metrics.update({"step": step, "run_dir": self.run_uri, FINAL_KEY: final})
         if self.placement_group:
             metrics[RESULT_KEY] = self.placement_group
+        if self.lock_token:
+            metrics[LOCK_KEY] = self.lock_token
         checkpoint = None
         newest = max(self.checkpoints) if self.checkpoints else None
         if newest is not None and self.checkpoints[newest] != self.reported_ckpt:

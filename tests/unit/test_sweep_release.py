@@ -1,10 +1,13 @@
-"""Which placement groups the sweep driver gives back, and when (no Ray needed)."""
+"""What the sweep driver gives back for a stopped trial, and when (no Ray needed)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
-from forge.sweep.release import RESULT_KEY, ReleaseStopped
+from forge.checkpoint.lock import LOCK_NAME
+from forge.sweep.release import LOCK_KEY, RESULT_KEY, Held, ReleaseStopped, release_run
 
 
 @dataclass
@@ -22,9 +25,12 @@ class Clock:
 
 
 def make() -> tuple[ReleaseStopped, list[str], Clock]:
-    removed: list[str] = []
+    released: list[str] = []
     clock = Clock()
-    return ReleaseStopped(grace_s=5, remove=removed.append, clock=clock), removed, clock
+    cb = ReleaseStopped(
+        grace_s=5, release=lambda held: released.append(held.placement_group), clock=clock
+    )
+    return cb, released, clock
 
 
 def test_a_stopped_trial_s_group_goes_after_the_grace_period() -> None:
@@ -68,11 +74,11 @@ def test_a_restarted_run_reporting_a_new_group_releases_the_old_one_at_once() ->
     assert removed == ["pg-1", "pg-2"]
 
 
-def test_a_failing_removal_never_breaks_the_sweep() -> None:
-    def boom(pg_id: str) -> None:
+def test_a_failing_release_never_breaks_the_sweep() -> None:
+    def boom(held: Held) -> None:
         raise RuntimeError("GCS is shutting down")
 
-    cb = ReleaseStopped(grace_s=0, remove=boom)
+    cb = ReleaseStopped(grace_s=0, release=boom)
     a = Trial("a", "ERROR")
     cb.on_trial_result(0, [a], a, {RESULT_KEY: "pg"})
     cb.on_step_end(1, [a])
@@ -84,6 +90,20 @@ def test_the_callback_survives_tune_s_experiment_snapshot() -> None:
 
     cb, _, _ = make()
     a = Trial("a")
-    cb.on_trial_result(0, [a], a, {RESULT_KEY: "pg"})
+    cb.on_trial_result(0, [a], a, {RESULT_KEY: "pg", "run_dir": "/s/t", LOCK_KEY: "tok"})
     again = pickle.loads(pickle.dumps(cb))
-    assert again.held == {"a": "pg"} and again.grace_s == 5
+    assert again.held == {"a": Held("pg", "/s/t", "tok")} and again.grace_s == 5
+
+
+def test_the_stopped_run_s_lock_goes_but_a_newer_holder_s_stays(tmp_path: Path, monkeypatch):
+    import forge.sweep.release as release
+
+    monkeypatch.setattr(release, "remove_placement_group", lambda pg: True)  # no Ray here
+    lock = tmp_path / "trial-a" / LOCK_NAME
+    lock.parent.mkdir()
+    lock.write_text(json.dumps({"token": "new", "pid": 1}))  # the restarted run took it
+    release_run(Held("pg", str(lock.parent), "old"))
+    assert lock.exists()
+    lock.write_text(json.dumps({"token": "old", "pid": 1}))  # still the stopped run's
+    release_run(Held("pg", str(lock.parent), "old"))
+    assert not lock.exists()
