@@ -189,16 +189,16 @@ class FileFeed:
             seed = int(np.random.SeedSequence([self.seed, epoch, self.rank]).generate_state(1)[0])
         batches = self.train.iter_batches(
             batch_size=self.batch_size,
-            batch_format="pandas",
+            batch_format="numpy",  # column arrays: no DataFrame per batch on the training thread
             drop_last=True,
             local_shuffle_buffer_size=self.buffer_rows if self.shuffle else None,
             local_shuffle_seed=seed,
         )
         n = 0
-        for frame in batches:
+        for columns in batches:
             n += 1
             if n <= self.batches_per_epoch:
-                yield self.table.encode(frame)
+                yield self.table.encode(columns)
         if n < self.batches_per_epoch:
             raise TrainingError(
                 f"worker {self.rank} got {n} batches of data.source in epoch {epoch}, expected "
@@ -210,6 +210,6 @@ class FileFeed:
         """Every validation row, on every worker, as ``(batch, n_valid)``."""
         if self.val is None:
             return
-        for frame in self.val.iter_batches(batch_size=self.batch_size, batch_format="pandas"):
-            batch = self.table.encode(frame)
-            yield batch, len(frame)
+        for columns in self.val.iter_batches(batch_size=self.batch_size, batch_format="numpy"):
+            batch = self.table.encode(columns)
+            yield batch, len(batch[0])

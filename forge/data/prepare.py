@@ -10,9 +10,10 @@ hash their bytes and profile them. Either way the result carries the fingerprint
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,6 @@ from forge.config.specs import DataSpec, RunSpec
 from forge.data import profile as profiles
 from forge.data.contract import Contract, ContractChecker, load_contract, violation_table
 from forge.data.fingerprint import files_fingerprint, memory_fingerprint
-from forge.data.profile import label_keys
 from forge.data.source import FileSource, read_batches, resolve
 from forge.data.split import val_mask
 from forge.errors import ConfigError
@@ -85,27 +85,87 @@ class TableInfo:
         std = np.concatenate([np.asarray(self.stds, np.float32), np.ones(onehot, np.float32)])
         return mean, std
 
-    def encode(self, frame: pd.DataFrame) -> tuple[Any, Any]:
+    def encode(self, batch: pd.DataFrame | Mapping[str, Any]) -> tuple[Any, Any]:
         """A batch as tensors: features ``(B, width)`` float32 (numeric values raw, NaN for
-        nulls; categoricals one-hot, all zeros for null or unseen), labels ``(B,)`` int64."""
+        nulls; categoricals one-hot, all zeros for null or unseen), labels ``(B,)`` int64
+        (-100 for a null or unknown class).
+
+        ``batch`` is a DataFrame or Ray Data's numpy batch (a dict of column arrays). This runs
+        on the training thread for every batch, so it stays in numpy: the pandas version
+        (``pd.Categorical``, ``apply(to_numeric)``, per-row label strings) took 3.5 ms per
+        256 rows, as long as the tabular MLP's whole training step.
+        """
         import torch
 
-        parts = [
-            frame[list(self.numeric)].apply(pd.to_numeric, errors="coerce").to_numpy(np.float32)
-        ]
+        first = self.features[0] if self.features else self.label
+        n = len(batch[first]) if first is not None else len(batch)
+        x = np.zeros((n, self.width), np.float32)
+        for j, name in enumerate(self.numeric):
+            x[:, j] = _as_float(batch[name])
+        col = len(self.numeric)
         for name, cats in self.categorical:
-            codes = pd.Categorical(frame[name].astype("string"), categories=list(cats)).codes
-            onehot = np.zeros((len(frame), len(cats)), np.float32)
-            seen = codes >= 0
-            onehot[np.nonzero(seen)[0], codes[seen]] = 1.0
-            parts.append(onehot)
-        x = torch.from_numpy(np.concatenate(parts, axis=1) if parts else np.zeros((len(frame), 0)))
+            index = self._category_index[name]
+            codes = np.fromiter(
+                (index.get(_key(v), -1) for v in _as_objects(batch[name])), np.int64, count=n
+            )
+            seen = np.nonzero(codes >= 0)[0]
+            x[seen, col + codes[seen]] = 1.0
+            col += len(cats)
         y = None
         if self.label is not None:
-            index = {key: i for i, key in enumerate(self.classes)}
-            keys = label_keys(frame[self.label])
-            y = torch.tensor([index.get(k, -100) for k in keys], dtype=torch.long)
-        return x, y
+            y = torch.from_numpy(self._label_ids(batch[self.label], n))
+        return torch.from_numpy(x), y
+
+    @functools.cached_property
+    def _category_index(self) -> dict[str, dict[str, int]]:
+        return {name: {c: i for i, c in enumerate(cats)} for name, cats in self.categorical}
+
+    @functools.cached_property
+    def _class_index(self) -> tuple[dict[str, int], dict[float, int]]:
+        """Class ids by key, and by numeric value for keys that are numbers (``label_keys``
+        writes an integral number as ``"1"`` and any other as ``str(float)``)."""
+        by_key = {key: i for i, key in enumerate(self.classes)}
+        by_value = {}
+        for key, i in by_key.items():
+            try:
+                by_value[float(key)] = i
+            except ValueError:
+                pass
+        return by_key, by_value
+
+    def _label_ids(self, column: Any, n: int) -> np.ndarray:
+        by_key, by_value = self._class_index
+        values = column.to_numpy() if isinstance(column, pd.Series) else np.asarray(column)
+        if values.dtype.kind in "iuf":  # label_keys' numeric branch, without the strings
+            floats = values.astype(np.float64)
+            return np.fromiter((by_value.get(v, -100) for v in floats.tolist()), np.int64, n)
+        return np.fromiter((by_key.get(_key(v), -100) for v in values.tolist()), np.int64, n)
+
+
+def _as_float(column: Any) -> np.ndarray:
+    """A numeric feature as float32 with NaN for nulls (non-numbers become NaN, as
+    ``pd.to_numeric(errors="coerce")``)."""
+    if isinstance(column, pd.Series):
+        if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
+            return column.to_numpy(np.float32, na_value=np.nan)
+        return pd.to_numeric(column, errors="coerce").to_numpy(np.float32, na_value=np.nan)
+    values = np.asarray(column)
+    if values.dtype.kind in "iuf":
+        return values.astype(np.float32)
+    return pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(np.float32, na_value=np.nan)
+
+
+def _as_objects(column: Any) -> list[Any]:
+    if isinstance(column, pd.Series):
+        return column.tolist()
+    return np.asarray(column, dtype=object).tolist()
+
+
+def _key(value: Any) -> str | None:
+    """A category or label value as its key: None for a null, else ``str(value)``."""
+    if value is None or value is pd.NA or (isinstance(value, float) and value != value):
+        return None
+    return str(value)
 
 
 @dataclass

@@ -171,3 +171,31 @@ def test_worker_count_change_on_resume_reshards(ray_cluster, tmp_path, quiet_con
     batches = read_log(str(tmp_path / "b"), 0)
     assert len(batches) == 32 and not (tmp_path / "b" / "rank1.log").exists()
     assert {i for _, ids in batches for i in ids} == set(range(ROWS))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_zero2"])
+def test_a_file_source_trains_under_sharded_strategies(
+    ray_cluster, tmp_path, quiet_console, strategy
+):
+    """Ray Data's shards feed FSDP and ZeRO ranks as they feed DDP's: disjoint, every row once."""
+    write(str(tmp_path / "loans"), rows=ROWS, shards=4)
+    out = tmp_path / "probe"
+    result = forge.train(
+        probe_overrides(
+            ray_cluster,
+            str(tmp_path / "loans"),
+            out,
+            f"storage.uri={tmp_path}/runs",
+            f"strategy={strategy}",
+            "trainer.max_steps=16",  # one epoch: 800 rows per worker
+            "trainer.val_every_n_steps=0",
+            "checkpoint.every_n_steps=8",
+        ),
+        console=quiet_console,
+    )
+    assert result.global_step == 16 and result.last_checkpoint
+    shards = [{i for _, ids in read_log(str(out), rank) for i in ids} for rank in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == ROWS // 2
+    assert not shards[0] & shards[1]
+    assert shards[0] | shards[1] == set(range(ROWS))

@@ -362,3 +362,55 @@ def test_monitor_without_validation_rows_is_refused_on_the_driver(loans) -> None
         prepare(spec)
     with pytest.raises(ConfigError, match="trains only on its own data"):
         prepare(to_run_spec(compose([f"data.source={loans}", "data.label=default"])))  # digits
+
+
+def _reference_encode(table, frame: pd.DataFrame):
+    """The first, pandas-only encode: the fast one must give exactly these tensors."""
+    import torch
+
+    from forge.data.profile import label_keys
+
+    parts = [frame[list(table.numeric)].apply(pd.to_numeric, errors="coerce").to_numpy(np.float32)]
+    for name, cats in table.categorical:
+        codes = pd.Categorical(frame[name].astype("string"), categories=list(cats)).codes
+        onehot = np.zeros((len(frame), len(cats)), np.float32)
+        seen = codes >= 0
+        onehot[np.nonzero(seen)[0], codes[seen]] = 1.0
+        parts.append(onehot)
+    x = torch.from_numpy(np.concatenate(parts, axis=1))
+    index = {key: i for i, key in enumerate(table.classes)}
+    y = torch.tensor([index.get(k, -100) for k in label_keys(frame[table.label])], dtype=torch.long)
+    return x, y
+
+
+@pytest.mark.parametrize("batch_format", ["pandas", "numpy"])
+def test_fast_encode_equals_the_pandas_reference(loans, batch_format) -> None:
+    import dataclasses
+
+    table = _prepare(source=loans, label="default").table
+    frame = pd.read_parquet(loans).head(300).reset_index(drop=True)
+    frame.loc[::7, "region"] = None  # nulls and a category the training data never had
+    frame.loc[::11, "plan"] = "never-seen"
+    frame.loc[::13, "default"] = 7  # an unknown class
+    batch = frame if batch_format == "pandas" else {c: frame[c].to_numpy() for c in frame}
+    x, y = table.encode(batch)
+    x_ref, y_ref = _reference_encode(table, frame)
+    assert torch_equal_nan(x, x_ref) and y.tolist() == y_ref.tolist()
+    assert (y == -100).sum() == len(frame.index[::13])
+    # string labels, float labels: the same class keys as the profile's label_keys
+    for labels, classes in (
+        (["yes", None, "no", "maybe"], ("no", "yes")),
+        ([1.0, 0.0, float("nan"), 0.5], ("0", "0.5", "1")),
+    ):
+        small = frame.head(4).copy()
+        small["default"] = labels
+        t = dataclasses.replace(table, classes=classes)
+        assert t.encode(small)[1].tolist() == _reference_encode(t, small)[1].tolist()
+
+
+def torch_equal_nan(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and bool(
+        torch.equal(torch.nan_to_num(a, 1e30), torch.nan_to_num(b, 1e30))
+    )
