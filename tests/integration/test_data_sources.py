@@ -155,11 +155,13 @@ def test_worker_count_change_on_resume_reshards(ray_cluster, tmp_path, quiet_con
         console=quiet_console,
     )
     assert first.global_step == 16
+    # A resume must keep recipe.params (out included): the first run's logs move aside instead.
+    (tmp_path / "a").rename(tmp_path / "first")
     second = forge.train(
         probe_overrides(
             ray_cluster,
             str(tmp_path / "loans"),
-            tmp_path / "b",
+            tmp_path / "a",
             *common,
             "resume=auto",
             "scaling.num_workers=1",
@@ -168,8 +170,8 @@ def test_worker_count_change_on_resume_reshards(ray_cluster, tmp_path, quiet_con
         console=quiet_console,
     )
     assert second.global_step == 48
-    batches = read_log(str(tmp_path / "b"), 0)
-    assert len(batches) == 32 and not (tmp_path / "b" / "rank1.log").exists()
+    batches = read_log(str(tmp_path / "a"), 0)
+    assert len(batches) == 32 and not (tmp_path / "a" / "rank1.log").exists()
     assert {i for _, ids in batches for i in ids} == set(range(ROWS))
 
 
