@@ -63,6 +63,21 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     return torch.isfinite(torch.stack([n.float() for n in norms])).all()
 
 
+def norm_sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor | None:
+    """The sum of the tensors' L2 norms as a 0-d float32 tensor (non-finite iff one of them
+    holds a NaN or inf), or None when there are none. One fused norm, no host sync.
+
+    Example:
+        >>> float(norm_sum([torch.ones(4), torch.zeros(2)])), norm_sum([])
+        (2.0, None)
+    """
+    local = [_local(t).detach() for t in tensors]
+    local = [t for t in local if t.numel()]
+    if not local:
+        return None
+    return torch.stack([n.float() for n in torch._foreach_norm(local)]).sum()
+
+
 class NonFiniteGuard:
     """This worker's record of the first non-finite step; see the module docstring.
 
@@ -93,24 +108,32 @@ class NonFiniteGuard:
         step: int,
         check_grads: bool = True,
         can_skip: bool = True,
+        window: int = 64,
     ) -> None:
         self.rank, self.world_size, self.check_grads = rank, world_size, check_grads
         self.can_skip = can_skip
         kw = {"device": device}
-        self._step = torch.tensor(float(step), dtype=torch.float64, **kw)  # counted on device
+        self._step = step  # steps ended so far (a host count: no device op per step)
         self._first = torch.zeros(2, dtype=torch.float64, **kw)  # (step, quantity); 0: none
-        self._bad = torch.zeros(2, dtype=torch.bool, **kw)  # this step: (loss, grads) bad
+        # Per step of the current window, its (loss, gradient norm), folded into _first once per
+        # window: a per-step record of its own cost ~25 tiny device ops, 10 % of a small CNN's
+        # CPU step (scripts/bench/ddp_overhead.py); writing one column costs two.
+        self._window = torch.zeros(2, window, dtype=torch.float64, **kw)
+        self._n = 0  # steps written into the window
+        self._loss: torch.Tensor | None = None  # this step's loss (sum of micro-batches)
+        self._grad_norm: torch.Tensor | None = None  # this step's summed gradient norms
         self.skipped = 0  # steps skipped under the skip policy
 
     def observe_loss(self, loss: torch.Tensor) -> None:
         """Call with a micro-batch's loss, or a sum of them (NaN and inf survive a sum);
         queued on the device, no sync."""
-        self._bad[0] |= ~torch.isfinite(loss.detach()).all()
+        loss = loss.detach()
+        self._loss = loss if self._loss is None else self._loss + loss
 
     def observe_grads(self, parameters: Iterable[torch.nn.Parameter]) -> None:
         """Call once per optimizer step, after the last backward, before the optimizer step."""
         if self.check_grads:
-            self._bad[1] |= ~all_finite(p.grad for p in parameters if p.grad is not None)
+            self._grad_norm = norm_sum(p.grad for p in parameters if p.grad is not None)
 
     def step_is_bad(
         self, all_reduce_sum: Callable[[torch.Tensor], None], loss: torch.Tensor | None = None
@@ -121,30 +144,47 @@ class NonFiniteGuard:
         """
         if loss is not None:
             self.observe_loss(loss)
-        flag = self._bad.any().to(torch.float64).reshape(1)
+        seen = [t.double().reshape(1) for t in (self._loss, self._grad_norm) if t is not None]
+        flag = torch.zeros(1, dtype=torch.float64, device=self._first.device)
+        if seen:
+            flag = (~torch.isfinite(torch.cat(seen))).any().to(torch.float64).reshape(1)
         all_reduce_sum(flag)
-        self._bad.zero_()
+        self._loss = self._grad_norm = None
         bad = flag.item() > 0
         self._step += 1
         self.skipped += int(bad)
         return bad
 
     def end_step(self, loss: torch.Tensor | None = None) -> None:
-        """Fail policy: record this step if it is the first non-finite one (no sync).
+        """Fail policy: record this step's loss and gradient norm (no sync).
 
         ``loss``: the step's loss (a sum over its micro-batches is enough), if not observed.
         """
         if loss is not None:
             self.observe_loss(loss)
         self._step += 1
-        kind = torch.where(
-            self._bad[0],
-            float(LOSS),
-            torch.where(self._bad[1], float(GRAD_NORM), 0.0),
-        ).to(torch.float64)
-        new = (self._first[1] == 0) & (kind > 0)
-        self._first.copy_(torch.where(new, torch.stack([self._step, kind]), self._first))
-        self._bad.zero_()
+        if self._loss is not None:
+            self._window[0, self._n] = self._loss
+        if self._grad_norm is not None:
+            self._window[1, self._n] = self._grad_norm
+        self._loss = self._grad_norm = None
+        self._n += 1
+        if self._n == self._window.shape[1]:
+            self._fold()
+
+    def _fold(self) -> None:
+        """Move the window's first non-finite step (if any, and none before) into the record."""
+        if self._n == 0:
+            return
+        bad = ~torch.isfinite(self._window[:, : self._n])  # (quantity, step of the window)
+        bad_step = bad.any(0)
+        first = torch.argmax(bad_step.to(torch.uint8))  # the first True (argmax: first max)
+        kind = torch.where(bad[0, first], float(LOSS), float(GRAD_NORM)).to(torch.float64)
+        step = first.to(torch.float64) + float(self._step - self._n + 1)
+        new = (self._first[1] == 0) & bad_step.any()
+        self._first.copy_(torch.where(new, torch.stack([step, kind]), self._first))
+        self._window.zero_()
+        self._n = 0
 
     def check(
         self,
@@ -154,11 +194,12 @@ class NonFiniteGuard:
         """Raise :class:`~forge.errors.NonFiniteError` if any worker recorded a non-finite step
         (or, with ``weights``, holds a non-finite weight now). Call on every rank: one small
         all-reduce and one host sync."""
+        self._fold()
         if weights is not None:
             bad = ~all_finite(weights)
             new = (self._first[1] == 0) & bad
-            now = torch.stack([self._step, torch.tensor(float(WEIGHTS), device=self._step.device)])
-            self._first.copy_(torch.where(new, now, self._first))
+            now = torch.tensor([float(self._step), float(WEIGHTS)], device=self._first.device)
+            self._first.copy_(torch.where(new, now.to(torch.float64), self._first))
         slots = torch.zeros(self.world_size, 2, dtype=torch.float64, device=self._first.device)
         slots[self.rank] = self._first
         all_reduce_sum(slots)

@@ -190,6 +190,7 @@ def test_guard_reports_the_earliest_step_over_all_ranks() -> None:
             guard.end_step()
     packets: list[torch.Tensor] = []
     for guard in guards:  # what an all-reduce of both ranks' slots gives
+        guard._fold()  # what check() does first: the window into the record
         slots = torch.zeros(2, 2, dtype=torch.float64)
         slots[guard.rank] = guard._first
         packets.append(slots)
@@ -214,3 +215,18 @@ def test_skip_is_refused_where_a_step_cannot_be_dropped(overrides: list[str], na
     with pytest.raises(ConfigError, match=rf"trainer.on_nonfinite=skip .*{named}"):
         to_run_spec(compose([*overrides, "trainer.on_nonfinite=skip"]))
     assert to_run_spec(compose(overrides)).trainer.on_nonfinite == "fail"  # the default
+
+
+@pytest.mark.parametrize("bad_step", [1, 63, 64, 65, 130])
+def test_the_first_bad_step_is_named_across_window_folds(bad_step: int) -> None:
+    """The record is folded every 64 steps: the step named must not depend on where it fell."""
+    guard = NonFiniteGuard(torch.device("cpu"), 0, 1, step=100, window=64)
+    for step in range(101, 100 + 140):
+        guard.observe_loss(torch.tensor(1.0))
+        if step - 100 >= bad_step:  # from then on the gradients are inf, the loss NaN later
+            guard._grad_norm = torch.tensor(float("inf"))
+        if step - 100 >= bad_step + 2:
+            guard.observe_loss(torch.tensor(NAN))
+        guard.end_step()
+    with pytest.raises(NonFiniteError, match=rf"at step {100 + bad_step}: the gradient norm"):
+        guard.check(lambda t: None)
