@@ -76,7 +76,8 @@ class DDPStrategy:
         return autocast(precision, self.device)
 
     def backward(self, model: nn.Module, loss: torch.Tensor, accumulation: int) -> None:
-        self.scaler.scale(loss / accumulation).backward()
+        # (no division when not accumulating: one device op less per step)
+        self.scaler.scale(loss / accumulation if accumulation > 1 else loss).backward()
 
     def optimizer_step(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, clip_norm: float | None
