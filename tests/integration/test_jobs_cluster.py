@@ -101,7 +101,7 @@ def test_submit_digits_spread_over_two_nodes_to_s3(
     assert len({r["node_id"] for r in run["ranks"]}) == 2, run["ranks"]  # one per node
     assert committed_steps(s3_client, s3_bucket, "spread") == [5, 10]
     # The token authenticated the submission but travelled nowhere the job keeps it.
-    (job,) = [j for j in jobs.list_jobs() if j.submission_id.startswith("spread")]
+    (job,) = [j for j in jobs.list_jobs() if j.submission_id.startswith("forge-spread-")]
     kept = json.dumps([job.entrypoint, job.runtime_env, job.metadata], default=str)
     assert jobs_cluster.token not in kept
     # What travelled: the project without run folders, virtualenvs or .git (well under 5 MiB).
@@ -164,7 +164,8 @@ def test_stop_keeps_committed_checkpoints_and_resume_continues(
     job = jobs.submit([*args, "trainer.max_steps=100000"])
     deadline = time.time() + 240
     while not committed_steps(s3_client, s3_bucket, "stopped"):
-        assert time.time() < deadline and job.status() == "RUNNING", job.logs()[-3000:]
+        status = job.status()  # PENDING until the job's driver has started
+        assert time.time() < deadline and status in ("PENDING", "RUNNING"), job.logs()[-3000:]
         time.sleep(2)
     assert jobs_main(["stop", job.id]) == 0
     while job.status() != "STOPPED":
