@@ -91,6 +91,12 @@ def train_size(params: Params) -> int:
     return 1797 - int(1797 * params.val_fraction)
 
 
+def train_data(params: Params) -> TensorDataset:
+    """The training split alone: forge profiles and fingerprints it on the driver, which
+    then never builds the model."""
+    return load_digits_tensors(params.val_fraction, params.split_seed)[0]
+
+
 def build(params: Params) -> forge.Recipe:
     """Build the model and data; forge calls this once on every worker."""
     train_data, val_data = load_digits_tensors(params.val_fraction, params.split_seed)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 import forge
 from recipes.digits import DigitsCNN, load_digits_tensors
@@ -97,6 +97,11 @@ def export_spec(params: Params) -> forge.ExportSpec:
     """What the served module takes (``forge export``); the same images as recipes.digits."""
     _, val_data = load_digits_tensors(params.val_fraction, params.split_seed)
     return digits_export_spec(val_data)
+
+
+def train_data(params: Params) -> TensorDataset:
+    """The training split alone (forge profiles it on the driver, without a module)."""
+    return load_digits_tensors(params.val_fraction, params.split_seed)[0]
 
 
 def build_lightning(params: Params) -> tuple[pl.LightningModule, pl.LightningDataModule]:

@@ -152,6 +152,12 @@ def train_size(params: Params) -> int:
     return 569 - int(569 * params.val_fraction)
 
 
+def train_data(params: Params) -> TensorDataset:
+    """The bundled training split alone (forge profiles it on the driver, without a model;
+    a file source is profiled by forge itself)."""
+    return split(*load_frame(), params.val_fraction, params.split_seed)[0]
+
+
 def build(params: Params, data: TableInfo | None = None) -> forge.Recipe:
     """Build the model and data; forge calls this once on every worker.
 

@@ -239,6 +239,11 @@ def eval_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[
     return {"loss": F.cross_entropy(logits.view(-1, VOCAB_SIZE), y.view(-1), reduction="none")}
 
 
+def train_data(params: Params) -> ByteWindows:
+    """The training windows alone (forge profiles them on the driver, without a model)."""
+    return split_corpus(load_corpus(params.max_files), params.block_size, params.val_fraction)[0]
+
+
 def build(params: Params) -> forge.Recipe:
     """Build the model and data; forge calls this once on every worker."""
     data = load_corpus(params.max_files)

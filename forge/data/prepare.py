@@ -472,6 +472,18 @@ def prepare_recipe(spec: RunSpec) -> PreparedData:
     mod = import_recipe_module(spec.recipe.module)
     params = build_params(mod, spec.recipe.params)
     source = f"recipe:{spec.recipe.name}"
+    # A recipe's own train_data(params) gives the data without the model: the driver must not
+    # build a model it never trains (memory, time, and whatever else build() does).
+    if callable(getattr(mod, "train_data", None)):
+        data = mod.train_data(params)
+        if data is None:  # nothing in memory to describe
+            return PreparedData(memory_fingerprint(source, "", 0), {}, None, [])
+        return profile_dataset(data, source, getattr(mod, "collate_fn", None))
+    log.info(
+        "recipe %s has no train_data(params): its build() runs on the driver once, to profile "
+        "the training data; define train_data(params) to spare the driver the model.",
+        spec.recipe.name,
+    )
     if spec.recipe.kind == "lightning":
         _, datamodule = mod.build_lightning(params)
         if datamodule is None:

@@ -414,3 +414,25 @@ def torch_equal_nan(a, b) -> bool:
     return a.shape == b.shape and bool(
         torch.equal(torch.nan_to_num(a, 1e30), torch.nan_to_num(b, 1e30))
     )
+
+
+def test_the_driver_profiles_a_recipe_s_data_without_building_its_model(tmp_path) -> None:
+    """With train_data(params), build() (the model) never runs on the driver; the profile and
+    fingerprint are those of the data build() would give."""
+    from forge.config.compose import compose
+    from forge.config.validate import to_run_spec
+    from forge.data.prepare import prepare_recipe, profile_dataset
+
+    recipe = tmp_path / "nobuild.py"
+    recipe.write_text(
+        "from recipes.digits import Params, train_size, train_data\n"
+        "def build(params):\n"
+        "    raise RuntimeError('build() ran on the driver')\n"
+    )
+    spec = to_run_spec(compose([f"recipe.module={recipe}", "recipe.name=nobuild"]))
+    prepared = prepare_recipe(spec)
+    from recipes.digits import Params, build
+
+    expected = profile_dataset(build(Params()).train_data, "recipe:nobuild")
+    assert prepared.fingerprint == expected.fingerprint
+    assert prepared.profile["rows"] == expected.profile["rows"] == 1438
