@@ -110,7 +110,8 @@ def main() -> int:
         shutil.copy(f"{folder}/part-00000.parquet", f"{window}/part-{i:05d}.parquet")
     print(f"wrote Parquet under {data}")
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": its own Ray even when RAY_ADDRESS names another cluster (as forge does)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     options = StorageOptions()
     registry_uri = f"{out}/registry"
     reg = Registry(registry_uri)

@@ -56,7 +56,7 @@ def ingest(rows: int, steps: int, repeats: int) -> None:
     # Logical CPUs: 2 for the workers plus one for Ray Data's tasks (forge refuses a file
     # source that leaves Ray Data none), also on a 2-core machine.
     cpus = max(3, os.cpu_count() or 1)
-    ray.init(num_cpus=cpus, logging_level=logging.WARNING, log_to_driver=False)
+    ray.init(address="local", num_cpus=cpus, logging_level=logging.WARNING, log_to_driver=False)
     address = ray.get_runtime_context().gcs_address
     common = [
         f"ray.address={address}",

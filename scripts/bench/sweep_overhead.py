@@ -162,7 +162,7 @@ def main() -> int:
 
     import forge
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     if args.only in ("both", "overhead"):
         bare = run_bare(args.trials, args.steps)
         start = time.perf_counter()
