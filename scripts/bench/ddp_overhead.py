@@ -242,7 +242,11 @@ def main() -> int:
 
     started = time.perf_counter()
     ray.init(
-        num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
     )
     address = ray.get_runtime_context().gcs_address
     print(f"ray cluster {address} up in {time.perf_counter() - started:.1f}s", flush=True)
