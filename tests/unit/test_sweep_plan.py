@@ -209,3 +209,8 @@ def test_forge_sweep_is_callable_whatever_was_imported_first(monkeypatch) -> Non
 
     monkeypatch.setattr(forge.sweep.run, "sweep", lambda overrides, **kw: ("swept", overrides))
     assert forge.sweep(["sweep=asha"]) == ("swept", ["sweep=asha"])
+
+
+def test_pbt_refuses_lightning_recipes_whose_loop_does_not_wait_for_tune():
+    msg = refused(["experiment=lightning_digits", "sweep=pbt", "optim.lr=0.01,0.1"])
+    assert "Lightning" in msg and "sweep=asha" in msg
