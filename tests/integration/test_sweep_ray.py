@@ -155,7 +155,11 @@ def test_pbt_exploit_clones_a_checkpoint_and_uses_its_new_lr(ray_cluster: str, t
     assert clones, "no PBT exploit happened"
     for record in clones:
         run = sweep_dir / record["overrides"][-2].split("=", 1)[1]  # run_name=...
-        assert Path(record["cloned_from"], "manifest.json").exists()
+        # The exploit started from that committed checkpoint (forge.train refuses any other
+        # resume=); the source trial's retention (keep_last) may delete it later.
+        resumed = json.loads((run / "resumes.json").read_text())[0]  # its first start
+        assert resumed["checkpoint"] == record["cloned_from"]
+        assert resumed["changed"]["optim.lr"][1] == pytest.approx(record["values"]["optim.lr"])
         lrs = [r["lr"] for r in read_metrics(str(run / "metrics.jsonl")) if "lr" in r]
         assert lrs and lrs == pytest.approx([record["values"]["optim.lr"]] * len(lrs))
     assert_cluster_idle()  # paused and exploited trials gave their workers back
