@@ -55,12 +55,8 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
         >>> bool(all_finite([torch.ones(3), torch.zeros(2)])), bool(all_finite([torch.ones(2) / 0]))
         (True, False)
     """
-    local = [_local(t).detach() for t in tensors]
-    local = [t for t in local if t.numel()]
-    if not local:
-        return torch.ones((), dtype=torch.bool)
-    norms = torch._foreach_norm(local)
-    return torch.isfinite(torch.stack([n.float() for n in norms])).all()
+    norms = _norms(tensors)
+    return torch.ones((), dtype=torch.bool) if norms is None else torch.isfinite(norms).all()
 
 
 def norm_sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor | None:
@@ -71,11 +67,17 @@ def norm_sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor | None:
         >>> float(norm_sum([torch.ones(4), torch.zeros(2)])), norm_sum([])
         (2.0, None)
     """
+    norms = _norms(tensors)
+    return None if norms is None else norms.sum()
+
+
+def _norms(tensors: Iterable[torch.Tensor]) -> torch.Tensor | None:
+    """Each non-empty tensor's (local part's) L2 norm, stacked as float32; None if none."""
     local = [_local(t).detach() for t in tensors]
     local = [t for t in local if t.numel()]
     if not local:
         return None
-    return torch.stack([n.float() for n in torch._foreach_norm(local)]).sum()
+    return torch.stack([n.float() for n in torch._foreach_norm(local)])
 
 
 class NonFiniteGuard:

@@ -75,6 +75,8 @@ def release_run(held: Held, options: StorageOptions | None = None) -> None:
 
 
 def _callback_base() -> type:
+    """Tune's Callback class, imported only when a sweep builds its callbacks (both here and
+    forge.sweep.run's LiveTable derive from it)."""
     from ray.tune import Callback
 
     return Callback

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from forge.checkpoint.storage import StorageOptions
-from forge.sweep.release import ReleaseStopped
+from forge.sweep.release import ReleaseStopped, _callback_base
 from forge.sweep.results import TrialRecord, best_trial, write_results
 from forge.sweep.spec import SweepPlan, plan_sweep
 from forge.sweep.trial import FINAL_KEY, TrialSetup, run_trial
@@ -245,12 +245,6 @@ def tune_storage(plan: SweepPlan) -> tuple[str, Any]:
         kwargs["region"] = region
     bucket, key = storage.split_s3(plan.root)
     return f"{bucket}/{key}".rstrip("/"), pyarrow.fs.S3FileSystem(**kwargs)
-
-
-def _callback_base() -> type:
-    from ray.tune import Callback
-
-    return Callback
 
 
 class LiveTable(_callback_base()):  # type: ignore[misc]
