@@ -242,8 +242,9 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
             )
         return metrics
 
-    # Non-finite loss/gradients: recorded on the device every step, read where the loop syncs
-    # anyway (log steps) and before every checkpoint (forge.nonfinite).
+    # Non-finite loss/gradients: recorded on the device every step; checked without waiting at
+    # each log step (read at the next one) and synchronously before every checkpoint and
+    # before a train row is logged early (forge.nonfinite).
     skip_nonfinite = trainer.on_nonfinite == "skip"
     guard = NonFiniteGuard(
         ctx.device,
@@ -255,9 +256,12 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
         can_skip=not strategy.name.startswith("deepspeed"),
     )
 
-    def check_finite(weights: Any = None) -> None:
+    def check_finite(weights: Any = None, wait: bool = True) -> None:
         try:
-            guard.check(ctx.all_reduce_sum, weights=weights)
+            if wait:
+                guard.check(ctx.all_reduce_sum, weights=weights)
+            else:  # the check the previous log step started
+                guard.finish_check()
         except NonFiniteError:
             # Every rank raises at this (all-reduced) check. What was submitted before passed
             # it: commit that, so a restart resumes from the last good step.
@@ -291,12 +295,12 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
     step_times: list[float] = []
     # The logged loss is reduced across ranks asynchronously and written one log step later
     # (or at the next validation/checkpoint): reading it never stalls a step.
-    train_loss = TrainLossWindow(
-        ctx.device, ctx.all_reduce_sum_async or all_reduce_now(ctx.all_reduce_sum)
-    )
+    all_reduce_async = ctx.all_reduce_sum_async or all_reduce_now(ctx.all_reduce_sum)
+    train_loss = TrainLossWindow(ctx.device, all_reduce_async)
     step_loss = torch.zeros(2, device=ctx.device)  # (sum of losses, count) of the step in progress
 
     def log_train(done: tuple[int, dict[str, Any]] | None) -> None:
+        # Callers have checked every step of the window for non-finite values first.
         if done is None:
             return
         step, row = done
@@ -361,7 +365,9 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
                 first_step_at = time.time()
 
             if state.step % trainer.log_every_n_steps == 0 or state.step == total_steps:
-                check_finite()  # the loop syncs here anyway
+                # Reads the check started at the previous log step, which covers every step of
+                # the window logged now; no wait for the other ranks here.
+                check_finite(wait=False)
                 # train/loss comes with the next log step: nan only when every step of its
                 # window was skipped
                 row = {"lr": step_lr, "epoch": state.epoch}
@@ -374,6 +380,7 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
                 if skip_nonfinite:
                     row["train/skipped_steps"] = guard.skipped
                 log_train(train_loss.end_window(state.step, row))
+                guard.start_check(all_reduce_async)  # read at the next log step
 
             every = spec.checkpoint.every_n_steps
             save_now = bool(every) and state.step % every == 0 and state.step < total_steps
@@ -383,6 +390,7 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
                 state.step % trainer.val_every_n_steps == 0
             )
             if validate_now or save_now:
+                check_finite()
                 log_train(train_loss.flush())  # rows stay in step order
             if validate_now or (save_now and ck.monitor is not None):
                 last_val, last_val_step = evaluate(), state.step
@@ -400,6 +408,7 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
                 streamer.finish()  # Tune's report carries this step's committed checkpoint
                 ctx.wait_for_report(state.step)
 
+    check_finite()
     log_train(train_loss.flush())
     if ckpt is not None and state.step == start_step:
         # Nothing left to train (a finished run started again): report its last checkpoint's

@@ -125,6 +125,8 @@ class NonFiniteGuard:
         self._loss: torch.Tensor | None = None  # this step's loss (sum of micro-batches)
         self._grad_norm: torch.Tensor | None = None  # this step's summed gradient norms
         self.skipped = 0  # steps skipped under the skip policy
+        # A check started at a log step and read at the next one: (slots, wait for the reduction)
+        self._pending: tuple[torch.Tensor, Callable[[], None]] | None = None
 
     def observe_loss(self, loss: torch.Tensor) -> None:
         """Call with a micro-batch's loss, or a sum of them (NaN and inf survive a sum);
@@ -195,7 +197,36 @@ class NonFiniteGuard:
     ) -> None:
         """Raise :class:`~forge.errors.NonFiniteError` if any worker recorded a non-finite step
         (or, with ``weights``, holds a non-finite weight now). Call on every rank: one small
-        all-reduce and one host sync."""
+        all-reduce and one host sync. A check started by :meth:`start_check` is read first."""
+        self.finish_check()
+        slots = self._slots(weights)
+        all_reduce_sum(slots)
+        self._raise_if_seen(slots)
+
+    def start_check(self, all_reduce_async: Callable[[torch.Tensor], Callable[[], None]]) -> None:
+        """:meth:`check` without waiting: start reducing the record of every step so far; the
+        next :meth:`finish_check` (or :meth:`check`) reads it and raises. Call on every rank.
+
+        The forge loop starts one at each log step and finishes it at the next, before it logs
+        the window those steps belong to: no log step waits for the other ranks, no non-finite
+        row is ever logged, and the step named is still the first bad one.
+        """
+        self.finish_check()
+        slots = self._slots()
+        self._pending = (slots, all_reduce_async(slots))
+
+    def finish_check(self) -> None:
+        """Wait for the check :meth:`start_check` started, if any, and raise as :meth:`check`."""
+        if self._pending is None:
+            return
+        slots, wait = self._pending
+        self._pending = None
+        wait()
+        self._raise_if_seen(slots)
+
+    def _slots(self, weights: Iterable[torch.Tensor] | None = None) -> torch.Tensor:
+        """This rank's record (with ``weights`` checked now) in its row of a (world size, 2)
+        tensor of zeros: summed over the ranks, row r is rank r's record."""
         self._fold()
         if weights is not None:
             bad = ~all_finite(weights)
@@ -204,7 +235,9 @@ class NonFiniteGuard:
             self._first.copy_(torch.where(new, now.to(torch.float64), self._first))
         slots = torch.zeros(self.world_size, 2, dtype=torch.float64, device=self._first.device)
         slots[self.rank] = self._first
-        all_reduce_sum(slots)
+        return slots
+
+    def _raise_if_seen(self, slots: torch.Tensor) -> None:
         seen = [(int(s), int(k), r) for r, (s, k) in enumerate(slots.tolist()) if k > 0]
         if not seen:
             return

@@ -125,6 +125,22 @@ def test_the_first_bad_step_is_named_when_found_later(tmp_path: Path) -> None:
     assert not (tmp_path / "run" / "metrics.jsonl").read_text()  # no NaN row was logged
 
 
+def test_log_steps_check_without_waiting_and_never_log_a_non_finite_row(tmp_path: Path) -> None:
+    """Log every 2 steps, step 3 NaN, no checkpoints. Each log step starts a check and reads the
+    one the previous log step started before it logs that window: step 4 logs the window of
+    step 2 and starts the check of steps 1-4; step 6 reads it and stops, naming step 3. The
+    window of steps 3-4, which holds the NaN, is never logged."""
+    spec = scalar_spec(tmp_path, [1.0, 2.0, NAN, 3.0, 4.0, 5.0, 6.0, 7.0], every=0, log_every=2)
+    events: list[dict[str, Any]] = []
+    with pytest.raises(NonFiniteError, match=r"at step 3: the training loss"):
+        run_loop(spec, plan_for(tmp_path / "run"), WorkerContext(on_progress=events.append))
+    logged = [(r["step"], r["train/loss"]) for r in rows(tmp_path / "run") if "train/loss" in r]
+    # w starts at 1 (loss w*x, SGD lr 0.1): step 1's loss is 1, step 2's is (1 - 0.1) * 2 = 1.8
+    assert logged == [(2, pytest.approx((1.0 + 1.8) / 2))]
+    assert [e["step"] for e in events if e["event"] == "log"] == [2]
+    assert committed_steps(tmp_path / "run") == []
+
+
 def test_a_non_finite_gradient_with_a_finite_loss_is_named(tmp_path: Path) -> None:
     """sqrt(|w x|) at x=0 is 0, a finite loss, but its gradient is NaN: step 2 is named with
     the gradient norm."""
