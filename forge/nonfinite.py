@@ -73,11 +73,14 @@ def norm_sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor | None:
 
 def _norms(tensors: Iterable[torch.Tensor]) -> torch.Tensor | None:
     """Each non-empty tensor's (local part's) L2 norm, stacked as float32; None if none."""
-    local = [_local(t).detach() for t in tensors]
+    # Plain tensors (every gradient outside FSDP and ZeRO-3) skip _local's attribute lookups:
+    # this runs at every step.
+    local = [t if type(t) is torch.Tensor else _local(t) for t in tensors]
     local = [t for t in local if t.numel()]
     if not local:
         return None
-    return torch.stack([n.float() for n in torch._foreach_norm(local)])
+    with torch.no_grad():
+        return torch.stack([n.float() for n in torch._foreach_norm(local)])
 
 
 class NonFiniteGuard:

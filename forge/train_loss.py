@@ -50,18 +50,23 @@ class TrainLossWindow:
     """
 
     def __init__(self, device: torch.device, all_reduce_async: AllReduceAsync) -> None:
-        self._sum = torch.zeros(2, device=device)  # (sum of losses, count) since the last log
+        self._device = device
+        # Since the last log step: the sum of the losses (one device op per step to keep it)
+        # and how many there were (a host count).
+        self._loss: torch.Tensor | None = None
+        self._count = 0
         self._all_reduce_async = all_reduce_async
         self._pending: tuple[int, dict[str, Any], torch.Tensor, Callable[[], None]] | None = None
 
     def add(self, loss: torch.Tensor) -> None:
         """Add one micro-batch's loss (a scalar tensor); no host sync."""
-        self._sum[0] += loss.detach().float()
-        self._sum[1] += 1
+        self.add_step(loss.detach().float(), 1)
 
-    def add_sums(self, sums: torch.Tensor) -> None:
-        """Add a ``(sum of losses, count)`` pair, e.g. one optimizer step's micro-batches."""
-        self._sum += sums
+    def add_step(self, loss_sum: torch.Tensor, count: int) -> None:
+        """Add the summed losses (a float scalar tensor) of ``count`` micro-batches, e.g. one
+        optimizer step's; no host sync."""
+        self._loss = loss_sum if self._loss is None else self._loss + loss_sum
+        self._count += count
 
     def end_window(self, step: int, row: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
         """Close the window at log step ``step``: start its reduction (call on every rank).
@@ -70,8 +75,9 @@ class TrainLossWindow:
         ``(step, row)`` completed with ``train/loss``, or None if there was none.
         """
         previous = self.flush()
-        sums = self._sum.clone()
-        self._sum.zero_()
+        loss = self._loss if self._loss is not None else torch.zeros((), device=self._device)
+        sums = torch.stack([loss.float(), torch.tensor(float(self._count), device=self._device)])
+        self._loss, self._count = None, 0
         self._pending = (step, row, sums, self._all_reduce_async(sums))
         return previous
 

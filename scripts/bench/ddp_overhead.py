@@ -39,8 +39,12 @@ TARGET_FIRST_STEP = 1.0
 GUARD_MAX_RATIO = 1.05
 
 
-def baseline_loop(config: dict) -> None:
-    """A plain Ray Train loop, written the way Ray's docs show it."""
+def bare_steps(steps: int, batch_size: int) -> tuple[float, float]:
+    """The plain Ray Train loop, written the way Ray's docs show it, in this Ray Train worker.
+
+    Returns the median step time after the warm-up steps (s) and the wall-clock time at the
+    end of the first step.
+    """
     import ray.train
     import ray.train.torch
     import torch
@@ -48,22 +52,18 @@ def baseline_loop(config: dict) -> None:
 
     from recipes.digits import DigitsCNN, Params, load_digits_tensors
 
-    if config["threads"]:
-        torch.set_num_threads(config["threads"])
     params = Params()
     train_data, _ = load_digits_tensors(params.val_fraction, params.split_seed)
     ctx = ray.train.get_context()
     sampler = DistributedSampler(
         train_data, num_replicas=ctx.get_world_size(), rank=ctx.get_world_rank(), shuffle=True
     )
-    loader = DataLoader(
-        train_data, batch_size=config["batch_size"], sampler=sampler, drop_last=True
-    )
+    loader = DataLoader(train_data, batch_size=batch_size, sampler=sampler, drop_last=True)
     model = ray.train.torch.prepare_model(DigitsCNN(params.channels, params.dropout))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     step, epoch, step_ends = 0, 0, []
-    while step < config["steps"]:
+    while step < steps:
         sampler.set_epoch(epoch)
         for images, labels in loader:
             loss = torch.nn.functional.cross_entropy(model(images), labels)
@@ -74,15 +74,31 @@ def baseline_loop(config: dict) -> None:
             if step == 0:
                 first_step_at = time.time()  # wall clock: comparable with the driver's t0
             step += 1
-            if step >= config["steps"]:
+            if step >= steps:
                 break
         epoch += 1
-
     deltas = [b - a for a, b in itertools.pairwise(step_ends)][WARMUP_STEPS - 1 :]
+    return statistics.median(deltas), first_step_at
+
+
+def baseline_loop(config: dict) -> None:
+    """Ray Train's ``train_loop_per_worker`` of the baseline: :func:`bare_steps`, reported."""
+    import torch
+
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
+    step_time_s, first_step_at = bare_steps(config["steps"], config["batch_size"])
     metrics = {
-        "step_time_s": statistics.median(deltas),
+        "step_time_s": step_time_s,
         "time_to_first_step_s": first_step_at - config["t0"],
     }
+    report_from_rank0(metrics)
+
+
+def report_from_rank0(metrics: dict) -> None:
+    import ray.train
+
+    ctx = ray.train.get_context()
     # Train V2's `result.metrics` are those reported with the latest checkpoint (rank 0's), so
     # rank 0 attaches a one-file checkpoint; the other ranks report metrics only.
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,6 +107,107 @@ def baseline_loop(config: dict) -> None:
             Path(tmp, "metrics.json").write_text(json.dumps(metrics))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def paired_loop(config: dict) -> None:
+    """Both loops in the same two Ray Train workers, alternating short segments (``--paired``).
+
+    Each round runs :func:`bare_steps` and forge's training loop (``forge.loop.run_loop``,
+    with the collectives ``forge.worker`` gives it) for the same steps, in alternating order,
+    so that the machine's drift over minutes hits both alike. Ray's start-up is not in it:
+    this isolates the per-step cost of forge's loop.
+    """
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from forge.config.compose import compose
+    from forge.config.specs import LaunchPlan
+    from forge.config.validate import to_run_spec
+    from forge.loop import WorkerContext, run_loop
+
+    torch.set_num_threads(1)  # what forge.worker sets for one CPU per worker
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+
+    def all_reduce_async(tensor: torch.Tensor):
+        return dist.all_reduce(tensor, async_op=True).wait
+
+    def gather(obj):
+        out = [None] * world_size if rank == 0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    worker = WorkerContext(
+        rank=rank,
+        world_size=world_size,
+        all_reduce_sum=dist.all_reduce,
+        all_reduce_sum_async=all_reduce_async,
+        gather=gather,
+    )
+    times: dict[str, list[float]] = {"baseline": [], "forge": []}
+    for rnd in range(config["rounds"]):
+        for side in ("baseline", "forge") if rnd % 2 == 0 else ("forge", "baseline"):
+            dist.barrier()
+            if side == "baseline":
+                step_time_s, _ = bare_steps(config["steps"], config["batch_size"])
+            else:
+                spec = to_run_spec(
+                    compose(
+                        [
+                            "experiment=digits",
+                            f"trainer.max_steps={config['steps']}",
+                            f"data.batch_size={config['batch_size']}",
+                            "checkpoint.every_n_steps=0",
+                            "trainer.val_every_n_steps=0",
+                            f"storage.uri={config['storage']}",
+                            f"run_name=paired-{rnd}",
+                        ]
+                    )
+                )
+                run_uri = f"{config['storage']}/paired-{rnd}"
+                plan = LaunchPlan(run_uri=run_uri, config_hash="bench", launch_time=time.time())
+                step_time_s = run_loop(spec, plan, worker)["step_time_s"]
+            times[side].append(step_time_s)
+    report_from_rank0(times)
+
+
+def run_paired(rounds: int, steps: int, batch_size: int, storage: str) -> dict[str, list[float]]:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        paired_loop,
+        train_loop_config={
+            "rounds": rounds,
+            "steps": steps,
+            "batch_size": batch_size,
+            "storage": f"{storage}/paired",
+        },
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+        run_config=RunConfig(name="paired", storage_path=storage),
+    )
+    metrics = trainer.fit().metrics
+    return {side: list(metrics[side]) for side in ("baseline", "forge")}
+
+
+def print_paired(times: dict[str, list[float]]) -> float:
+    """Print the paired rounds and return the median of their forge / baseline ratios."""
+    ratios = [f / b for f, b in zip(times["forge"], times["baseline"], strict=True)]
+    ratio = statistics.median(ratios)
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratio] * 3
+    print(
+        f"\npaired, {len(ratios)} rounds in the same two workers: per-step baseline "
+        f"{statistics.median(times['baseline']) * 1e3:.2f} ms, forge "
+        f"{statistics.median(times['forge']) * 1e3:.2f} ms (medians)"
+    )
+    print(
+        f"forge / baseline per round: median {ratio:.3f} (quartiles {quartiles[0]:.3f}-"
+        f"{quartiles[2]:.3f}); {sum(r > 1 for r in ratios)} of {len(ratios)} rounds slower"
+        + (" ok" if ratio <= TARGET_RATIO else " OVER")
+        + f" (target <= {TARGET_RATIO:.2f})"
+    )
+    return ratio
 
 
 def run_baseline(
@@ -207,6 +324,15 @@ def main() -> int:
         "--variant nolog=trainer.log_every_n_steps=100000 (repeatable)",
     )
     parser.add_argument(
+        "--paired",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="instead: ROUNDS rounds of both loops in the same two Ray workers, alternating "
+        "(--steps each, default 100); reports the median of each round's forge / baseline "
+        "per-step ratio, without Ray's start-up and the drift between separate runs",
+    )
+    parser.add_argument(
         "--guard",
         action="store_true",
         help="regression guard (~3 min): 4 rounds of 150 steps at equal threads; exits 1 when "
@@ -221,7 +347,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     guard_defaults = {"steps": 150, "repeats": 4, "baseline_threads": 1}
-    plain_defaults = {"steps": 300, "repeats": 1, "baseline_threads": 0}
+    plain_defaults = {"steps": 100 if args.paired else 300, "repeats": 1, "baseline_threads": 0}
     for key, value in (guard_defaults if args.guard else plain_defaults).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -250,6 +376,15 @@ def main() -> int:
     )
     address = ray.get_runtime_context().gcs_address
     print(f"ray cluster {address} up in {time.perf_counter() - started:.1f}s", flush=True)
+
+    if args.paired:
+        if args.guard or args.variant or args.only != "both":
+            parser.error("--paired runs both loops alone: drop --guard, --variant and --only")
+        with tempfile.TemporaryDirectory(prefix="forge-bench-") as storage:
+            times = run_paired(args.paired, args.steps, args.batch_size, storage)
+        ray.shutdown()
+        print_paired(times)
+        return 0
 
     sides = ["baseline", "forge"] if args.only == "both" else [args.only]
     sides += list(variants)
