@@ -25,12 +25,12 @@ sampled dimensions are drawn once per trial. Float ranges are computed in decima
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
 
+from forge.config.overrides import hydra_value
 from forge.errors import ConfigError
 
 Kind = Literal["grid", "choice", "uniform"]
@@ -222,34 +222,6 @@ def interval_dimension(key: str, sweep: Any, text: str) -> Dimension:
     return Dimension(key, "uniform", low=low, high=high, log=log, integer=integer, text=text)
 
 
-_PLAIN = re.compile(r"^[A-Za-z0-9_./:@-]+$")
-
-
-def format_value(value: Any) -> str:
-    """A value as a Hydra override's right-hand side that parses back to the same value.
-
-    Example:
-        >>> [format_value(v) for v in (3, 0.1, True, None, "adamw", "a b", [1, 2])]
-        ['3', '0.1', 'true', 'null', 'adamw', "'a b'", '[1,2]']
-    """
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(format_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{format_value(v)}" for k, v in value.items()) + "}"
-    text = str(value)
-    if _PLAIN.match(text) and text.lower() not in {"true", "false", "null"}:
-        return text
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def point_overrides(parsed: ParsedSweep, values: dict[str, Any]) -> list[str]:
     """The overrides of one trial: the fixed ones, then each swept key at its value.
 
@@ -260,7 +232,7 @@ def point_overrides(parsed: ParsedSweep, values: dict[str, Any]) -> list[str]:
     """
     out = list(parsed.base)
     for dim in parsed.dims:
-        out.append(f"{dim.key}={format_value(values[dim.name])}")
+        out.append(f"{dim.key}={hydra_value(values[dim.name])}")
     return out
 
 

@@ -181,9 +181,9 @@ def best_yaml(
 
 
 def _format(value: Any) -> str:
-    from forge.sweep.grammar import format_value
+    from forge.config.overrides import hydra_value
 
-    return format_value(value)
+    return hydra_value(value)
 
 
 def plot_png(trials: Sequence[TrialRecord], metric: str) -> dict[str, bytes]:

@@ -13,9 +13,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from forge.config.overrides import hydra_value
 from forge.config.specs import RunSpec
 from forge.errors import ConfigError
-from forge.sweep.grammar import Dimension, ParsedSweep, format_value, parse_sweep
+from forge.sweep.grammar import Dimension, ParsedSweep, parse_sweep
 
 
 class SweepSpec(BaseModel):
@@ -107,7 +108,7 @@ def plan_sweep(overrides: Sequence[str], config_dir: str | None = None) -> Sweep
         cfg = compose(_point(parsed, first), config_dir)
         base = to_run_spec(cfg)
     except ConfigError as exc:
-        at = ", ".join(f"{d.key}={format_value(first[d.name])}" for d in parsed.dims)
+        at = ", ".join(f"{d.key}={hydra_value(first[d.name])}" for d in parsed.dims)
         raise ConfigError(f"At the sweep's first point ({at}): {exc}" if at else str(exc)) from None
     sweep_data = cfg.get("sweep") or {}
     try:
@@ -126,7 +127,7 @@ def plan_sweep(overrides: Sequence[str], config_dir: str | None = None) -> Sweep
             try:
                 spec = to_run_spec(compose(_point(parsed, point), config_dir))
             except ConfigError as exc:
-                problems.append(f"At {dim.key}={format_value(value)} (from {dim.text}): {exc}")
+                problems.append(f"At {dim.key}={hydra_value(value)} (from {dim.text}): {exc}")
                 continue
             problems += check_point(spec, sweep, parsed)
     problems += check_point(base, sweep, parsed)

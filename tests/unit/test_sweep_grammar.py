@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from forge.config.overrides import hydra_value
 from forge.errors import ConfigError
-from forge.sweep.grammar import format_value, has_sweep_expression, parse_sweep, point_overrides
+from forge.sweep.grammar import has_sweep_expression, parse_sweep, point_overrides
 
 
 def dim(text: str):
@@ -112,8 +113,10 @@ def test_values_round_trip_through_hydra():
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
-    for value in (3, 0.1, 1e-5, True, None, "adamw", "a b", "it's", [1, 2], "null"):
-        parsed = parser.parse_override(f"k={format_value(value)}").value()
+    # Strings that Hydra would read as something else unquoted: nan and inf (floats), null.
+    strings = ("adamw", "a b", "it's", "null", "nan", "inf", "NaN", "v1:2", "x@y", "1e-5")
+    for value in (3, 0.1, 1e-5, True, None, [1, 2], *strings):
+        parsed = parser.parse_override(f"k={hydra_value(value)}").value()
         assert parsed == (list(value) if isinstance(value, list) else value), value
 
 
