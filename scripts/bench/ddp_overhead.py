@@ -36,7 +36,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 WARMUP_STEPS = 20
 TARGET_RATIO = 1.02
 TARGET_FIRST_STEP = 1.0
-GUARD_MAX_RATIO = 1.05
+# --guard's limits: the targets plus the noise of the guard's own measurement on this 2-core VM
+# (paired per-step medians of identical code moved between 1.03 and 1.08; first-step rounds by
+# +-10 %), so that a regression like issue 16's 1.20x trips it and noise does not.
+GUARD_MAX_RATIO = 1.12
+GUARD_MAX_FIRST_STEP = 1.15
+GUARD_PAIRED_ROUNDS = 30
 
 
 def bare_steps(steps: int, batch_size: int) -> tuple[float, float]:
@@ -335,18 +340,27 @@ def main() -> int:
     parser.add_argument(
         "--guard",
         action="store_true",
-        help="regression guard (~3 min): 4 rounds of 150 steps at equal threads; exits 1 when "
-        "forge's per-step or time-to-first-step ratio exceeds --max-ratio",
+        help=f"regression guard (~4 min): the per-step ratio from --paired {GUARD_PAIRED_ROUNDS} "
+        "(100 steps a round), then time to first step from 4 end-to-end rounds of 30 steps at "
+        "equal threads; exits 1 when either ratio is past its limit",
     )
     parser.add_argument(
         "--max-ratio",
         type=float,
         default=GUARD_MAX_RATIO,
-        help=f"--guard's limit for both ratios (default {GUARD_MAX_RATIO}: the targets plus "
-        "the noise of a short run on shared cores; rerun the full benchmark when it trips)",
+        help=f"--guard's per-step limit (default {GUARD_MAX_RATIO}: the target plus the noise "
+        "of the paired median here; rerun with --paired 80 when it trips)",
+    )
+    parser.add_argument(
+        "--max-first-step",
+        type=float,
+        default=GUARD_MAX_FIRST_STEP,
+        help=f"--guard's time-to-first-step limit (default {GUARD_MAX_FIRST_STEP})",
     )
     args = parser.parse_args()
-    guard_defaults = {"steps": 150, "repeats": 4, "baseline_threads": 1}
+    if args.guard and not args.paired:
+        args.paired = GUARD_PAIRED_ROUNDS
+    guard_defaults = {"steps": 30, "repeats": 4, "baseline_threads": 1}
     plain_defaults = {"steps": 100 if args.paired else 300, "repeats": 1, "baseline_threads": 0}
     for key, value in (guard_defaults if args.guard else plain_defaults).items():
         if getattr(args, key) is None:
@@ -377,14 +391,18 @@ def main() -> int:
     address = ray.get_runtime_context().gcs_address
     print(f"ray cluster {address} up in {time.perf_counter() - started:.1f}s", flush=True)
 
+    paired_ratio = None
     if args.paired:
-        if args.guard or args.variant or args.only != "both":
-            parser.error("--paired runs both loops alone: drop --guard, --variant and --only")
+        if args.variant or args.only != "both":
+            parser.error("--paired runs both loops alone: drop --variant and --only")
+        # The guard's end-to-end rounds are short (first step only); paired rounds keep 100.
+        paired_steps = 100 if args.guard else args.steps
         with tempfile.TemporaryDirectory(prefix="forge-bench-") as storage:
-            times = run_paired(args.paired, args.steps, args.batch_size, storage)
-        ray.shutdown()
-        print_paired(times)
-        return 0
+            times = run_paired(args.paired, paired_steps, args.batch_size, storage)
+        paired_ratio = print_paired(times)
+        if not args.guard:
+            ray.shutdown()
+            return 0
 
     sides = ["baseline", "forge"] if args.only == "both" else [args.only]
     sides += list(variants)
@@ -414,12 +432,21 @@ def main() -> int:
     ratios = print_table(results, args.repeats)
     if not args.guard:
         return 0
-    over = {k: v for k, v in ratios.items() if k.startswith("forge:") and v > args.max_ratio}
-    for key, value in over.items():
-        print(f"GUARD FAILED: {key.removeprefix('forge:')} ratio {value:.3f} > {args.max_ratio}")
-    if not over:
-        print(f"guard passed: every forge / baseline ratio <= {args.max_ratio}")
-    return 1 if over else 0
+    # Per step from the paired rounds (separate short runs are too noisy for it); time to first
+    # step from the end-to-end rounds, the only ones that include Ray's start-up and the driver.
+    checks = [
+        ("per-step (paired)", paired_ratio, args.max_ratio),
+        ("time to first step", ratios["forge:time_to_first_step_s"], args.max_first_step),
+    ]
+    failed = [(name, value, limit) for name, value, limit in checks if value > limit]
+    for name, value, limit in failed:
+        print(f"GUARD FAILED: {name} ratio {value:.3f} > {limit}")
+    if not failed:
+        print(
+            "guard passed: "
+            + ", ".join(f"{name} {value:.3f} <= {limit}" for name, value, limit in checks)
+        )
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

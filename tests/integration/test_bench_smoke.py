@@ -34,14 +34,17 @@ def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
-def test_ddp_overhead_guard_prints_ratios_and_passes_under_a_loose_limit() -> None:
-    """~1 min: the guard's plumbing (a loose limit; the real limit is a measurement, by hand)."""
+def test_ddp_overhead_guard_checks_each_ratio_against_its_own_limit() -> None:
+    """~1-2 min: the guard's plumbing. The paired per-step limit no run can meet fails it, by
+    name; the loose first-step limit passes (the real limits are a measurement, by hand)."""
     result = run_bench(
-        "scripts/bench/ddp_overhead.py", "--guard", "--steps", "25", "--repeats", "1",
-        "--max-ratio", "100",
+        "scripts/bench/ddp_overhead.py", "--guard", "--paired", "2", "--steps", "25",
+        "--repeats", "1", "--max-ratio", "0.01", "--max-first-step", "100",
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "forge / baseline" in result.stdout and "guard passed" in result.stdout
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "paired, 2 rounds" in result.stdout and "forge / baseline" in result.stdout
+    assert "GUARD FAILED: per-step (paired) ratio" in result.stdout
+    assert "GUARD FAILED: time to first step" not in result.stdout
 
 
 @pytest.mark.slow
