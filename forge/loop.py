@@ -311,6 +311,11 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
             metrics_writer.log(step, row)
         ctx.on_progress({"event": "log", "step": step, **row})
 
+    def log_pending_train_row() -> None:
+        # Before the next log step's check has been read: check now, then log.
+        check_finite()
+        log_train(train_loss.flush())
+
     last_val: dict[str, float] = {}
     last_val_step = -1
     start_step = state.step
@@ -394,8 +399,7 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
                 state.step % trainer.val_every_n_steps == 0
             )
             if validate_now or save_now:
-                check_finite()
-                log_train(train_loss.flush())  # rows stay in step order
+                log_pending_train_row()  # rows stay in step order
             if validate_now or (save_now and ck.monitor is not None):
                 last_val, last_val_step = evaluate(), state.step
                 if last_val and metrics_writer is not None:
@@ -412,8 +416,7 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
                 streamer.finish()  # Tune's report carries this step's committed checkpoint
                 ctx.wait_for_report(state.step)
 
-    check_finite()
-    log_train(train_loss.flush())
+    log_pending_train_row()
     if ckpt is not None and state.step == start_step:
         # Nothing left to train (a finished run started again): report its last checkpoint's
         # metrics; evaluating again would log a second row for a step already logged.

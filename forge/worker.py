@@ -39,7 +39,6 @@ def train_fn(config: dict[str, Any]) -> None:
     queue = config.get("progress")
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    distributed = world_size > 1 and dist.is_initialized()
 
     # Rank 0's events go in batches from a background thread: a queue put is a synchronous
     # round trip to the queue actor that would otherwise stall training at every log step.
@@ -57,22 +56,6 @@ def train_fn(config: dict[str, Any]) -> None:
             "lock_token": plan.lock_token,
         }
     )
-
-    def all_reduce_sum(tensor: torch.Tensor) -> None:
-        if distributed:
-            dist.all_reduce(tensor)
-
-    def all_reduce_sum_async(tensor: torch.Tensor) -> Any:
-        if not distributed:
-            return lambda: None
-        return dist.all_reduce(tensor, async_op=True).wait
-
-    def gather(obj: Any) -> list[Any] | None:
-        if not distributed:
-            return [obj]
-        out: list[Any] | None = [None] * world_size if rank == 0 else None
-        dist.gather_object(obj, out, dst=0)
-        return out
 
     def driver_alive() -> bool:
         # The progress queue is an actor the driver owns: Ray kills it when the driver dies,
@@ -119,9 +102,7 @@ def train_fn(config: dict[str, Any]) -> None:
         local_rank=context.get_local_rank(),
         world_size=world_size,
         device=ray.train.torch.get_device(),
-        all_reduce_sum=all_reduce_sum,
-        all_reduce_sum_async=all_reduce_sum_async,
-        gather=gather,
+        **collectives(rank, world_size),
         on_progress=send,
         driver_alive=driver_alive,
         wait_for_report=wait_for_report if acks is not None else None,
@@ -148,6 +129,40 @@ def train_fn(config: dict[str, Any]) -> None:
     send({"event": "summary", **summary})
     if sender is not None:
         sender.close()  # every event so far reaches the queue before fit() can return
+
+
+def collectives(rank: int, world_size: int) -> dict[str, Any]:
+    """The :class:`WorkerContext` collectives over the default process group (or their
+    one-process stand-ins): ``all_reduce_sum``, ``all_reduce_sum_async`` and ``gather``.
+
+    Example:
+        >>> ops = collectives(rank=0, world_size=1)
+        >>> ops["gather"]({"rank": 0})
+        [{'rank': 0}]
+    """
+    distributed = world_size > 1 and dist.is_initialized()
+
+    def all_reduce_sum(tensor: torch.Tensor) -> None:
+        if distributed:
+            dist.all_reduce(tensor)
+
+    def all_reduce_sum_async(tensor: torch.Tensor) -> Any:
+        if not distributed:
+            return lambda: None
+        return dist.all_reduce(tensor, async_op=True).wait
+
+    def gather(obj: Any) -> list[Any] | None:
+        if not distributed:
+            return [obj]
+        out: list[Any] | None = [None] * world_size if rank == 0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    return {
+        "all_reduce_sum": all_reduce_sum,
+        "all_reduce_sum_async": all_reduce_sum_async,
+        "gather": gather,
+    }
 
 
 def _record_placement(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> None:

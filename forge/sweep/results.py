@@ -21,6 +21,7 @@ import yaml
 from forge.checkpoint import storage
 from forge.checkpoint.manifest import FileEntry
 from forge.checkpoint.storage import StorageOptions
+from forge.config.overrides import hydra_value
 
 RESULTS_MANIFEST = "results_manifest.json"
 
@@ -167,7 +168,7 @@ def best_yaml(
         "# @package _global_",
         f"# Best trial {best.trial_id} of a forge sweep: {metric}={best.best(metric, mode)!r} "
         f"({mode}), {best.steps} steps. Swept values: "
-        + ", ".join(f"{k}={_format(v)}" for k, v in best.params.items()),
+        + ", ".join(f"{k}={hydra_value(v)}" for k, v in best.params.items()),
         "# Re-run it exactly:",
         f"#   {line}",
         "# or as an experiment: copy this file to <dir>/experiment/best.yaml",
@@ -178,12 +179,6 @@ def best_yaml(
         body["defaults"] = [{"override /recipe": recipe_group}]
     body.update(config)
     return "\n".join(header) + "\n" + yaml.safe_dump(body, sort_keys=False)
-
-
-def _format(value: Any) -> str:
-    from forge.config.overrides import hydra_value
-
-    return hydra_value(value)
 
 
 def plot_png(trials: Sequence[TrialRecord], metric: str) -> dict[str, bytes]:

@@ -130,26 +130,12 @@ def paired_loop(config: dict) -> None:
     from forge.config.specs import LaunchPlan
     from forge.config.validate import to_run_spec
     from forge.loop import WorkerContext, run_loop
+    from forge.worker import collectives
 
     torch.set_num_threads(1)  # what forge.worker sets for one CPU per worker
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-
-    def all_reduce_async(tensor: torch.Tensor):
-        return dist.all_reduce(tensor, async_op=True).wait
-
-    def gather(obj):
-        out = [None] * world_size if rank == 0 else None
-        dist.gather_object(obj, out, dst=0)
-        return out
-
-    worker = WorkerContext(
-        rank=rank,
-        world_size=world_size,
-        all_reduce_sum=dist.all_reduce,
-        all_reduce_sum_async=all_reduce_async,
-        gather=gather,
-    )
+    worker = WorkerContext(rank=rank, world_size=world_size, **collectives(rank, world_size))
     times: dict[str, list[float]] = {"baseline": [], "forge": []}
     for rnd in range(config["rounds"]):
         for side in ("baseline", "forge") if rnd % 2 == 0 else ("forge", "baseline"):
@@ -157,19 +143,9 @@ def paired_loop(config: dict) -> None:
             if side == "baseline":
                 step_time_s, _ = bare_steps(config["steps"], config["batch_size"])
             else:
-                spec = to_run_spec(
-                    compose(
-                        [
-                            "experiment=digits",
-                            f"trainer.max_steps={config['steps']}",
-                            f"data.batch_size={config['batch_size']}",
-                            "checkpoint.every_n_steps=0",
-                            "trainer.val_every_n_steps=0",
-                            f"storage.uri={config['storage']}",
-                            f"run_name=paired-{rnd}",
-                        ]
-                    )
-                )
+                overrides = forge_overrides(config["steps"], config["batch_size"])
+                storage = f"storage.uri={config['storage']}"
+                spec = to_run_spec(compose([*overrides, storage, f"run_name=paired-{rnd}"]))
                 run_uri = f"{config['storage']}/paired-{rnd}"
                 plan = LaunchPlan(run_uri=run_uri, config_hash="bench", launch_time=time.time())
                 step_time_s = run_loop(spec, plan, worker)["step_time_s"]
@@ -232,6 +208,18 @@ def run_baseline(
     return {k: metrics[k] for k in ("step_time_s", "time_to_first_step_s")}
 
 
+def forge_overrides(steps: int, batch_size: int) -> list[str]:
+    """forge's side of every comparison: the digits experiment at the baseline's steps and
+    per-worker batch, without validation or checkpoints (the baseline has neither)."""
+    return [
+        "experiment=digits",
+        f"trainer.max_steps={steps}",
+        f"data.batch_size={batch_size}",
+        "checkpoint.every_n_steps=0",
+        "trainer.val_every_n_steps=0",
+    ]
+
+
 def run_forge(
     steps: int, batch_size: int, address: str, storage: str, overrides: list[str] = ()
 ) -> dict[str, float]:
@@ -242,11 +230,7 @@ def run_forge(
     quiet = Console(file=open(os.devnull, "w"))
     result = forge.train(
         [
-            "experiment=digits",
-            f"trainer.max_steps={steps}",
-            f"data.batch_size={batch_size}",
-            "checkpoint.every_n_steps=0",
-            "trainer.val_every_n_steps=0",
+            *forge_overrides(steps, batch_size),
             f"ray.address={address}",
             f"storage.uri={storage}/forge",  # run folders go to the bench's temp dir, not ./runs
             *overrides,
