@@ -29,6 +29,7 @@ from typing import Any
 
 from forge.checkpoint import storage
 from forge.checkpoint.manifest import MANIFEST, FileEntry, Manifest
+from forge.checkpoint.retry import Cancelled
 from forge.checkpoint.storage import StorageOptions
 from forge.errors import CheckpointError
 
@@ -242,6 +243,12 @@ class CheckpointStore:
             except BaseException:
                 if cancel is not None:
                     cancel.set()
+                # A file cancelled because another one failed is not the cause: raise the
+                # failure itself, so the error names what went wrong with storage.
+                for f in futures:
+                    exc = f.exception()
+                    if exc is not None and not isinstance(exc, Cancelled):
+                        raise exc from None
                 raise
 
     def commit(
