@@ -25,6 +25,7 @@ so under fp16 the guard watches the loss only and never skips a step the scaler 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -80,7 +81,8 @@ def _norms(tensors: Iterable[torch.Tensor]) -> torch.Tensor | None:
     if not local:
         return None
     with torch.no_grad():
-        return torch.stack([n.float() for n in torch._foreach_norm(local)])
+        # float32 norms (an fp16 tensor's norm overflows at 65504), stacked in one op.
+        return torch.stack(torch._foreach_norm(local, 2, dtype=torch.float32))
 
 
 class NonFiniteGuard:
@@ -119,12 +121,22 @@ class NonFiniteGuard:
         self.can_skip = can_skip
         kw = {"device": device}
         self._step = step  # steps ended so far (a host count: no device op per step)
-        self._first = torch.zeros(2, dtype=torch.float64, **kw)  # (step, quantity); 0: none
-        # Per step of the current window, its (loss, gradient norm), folded into _first once per
-        # window: a per-step record of its own cost ~25 tiny device ops, 10 % of a small CNN's
-        # CPU step (scripts/bench/ddp_overhead.py); writing one column costs two.
-        self._window = torch.zeros(2, window, dtype=torch.float64, **kw)
-        self._n = 0  # steps written into the window
+        # The record: the earliest non-finite (step, quantity) seen, coded as one float64
+        # ``step * 4 + quantity`` (inf: none), so that keeping the first one is one minimum
+        # and a quantity seen earlier in the same step (loss, then gradients, then weights)
+        # wins a tie.
+        self._first = torch.full((), math.inf, dtype=torch.float64, **kw)
+        # Per step of the current window, its loss and summed gradient norm, kept as the 0-d
+        # tensors they are (a list append per step, no device op) and folded into _first once
+        # per window: a per-step device record costs ~25 tiny device ops, 10 % of a small
+        # CNN's CPU step (scripts/bench/ddp_overhead.py).
+        self._window = window
+        self._losses: list[torch.Tensor] = []
+        self._grad_norms: list[torch.Tensor] = []
+        # The code of each (quantity, step of the window) for a window starting at step 0.
+        offsets = torch.arange(window, dtype=torch.float64, **kw) * 4
+        self._codes = torch.stack([offsets + LOSS, offsets + GRAD_NORM])
+        self._none = torch.zeros((), **kw)  # the record of a quantity not observed in a step
         self._loss: torch.Tensor | None = None  # this step's loss (sum of micro-batches)
         self._grad_norm: torch.Tensor | None = None  # this step's summed gradient norms
         self.skipped = 0  # steps skipped under the skip policy
@@ -170,28 +182,23 @@ class NonFiniteGuard:
         if loss is not None:
             self.observe_loss(loss)
         self._step += 1
-        if self._loss is not None:
-            self._window[0, self._n] = self._loss
-        if self._grad_norm is not None:
-            self._window[1, self._n] = self._grad_norm
+        self._losses.append(self._none if self._loss is None else self._loss)
+        self._grad_norms.append(self._none if self._grad_norm is None else self._grad_norm)
         self._loss = self._grad_norm = None
-        self._n += 1
-        if self._n == self._window.shape[1]:
+        if len(self._losses) == self._window:
             self._fold()
 
     def _fold(self) -> None:
         """Move the window's first non-finite step (if any, and none before) into the record."""
-        if self._n == 0:
+        n = len(self._losses)
+        if n == 0:
             return
-        bad = ~torch.isfinite(self._window[:, : self._n])  # (quantity, step of the window)
-        bad_step = bad.any(0)
-        first = torch.argmax(bad_step.to(torch.uint8))  # the first True (argmax: first max)
-        kind = torch.where(bad[0, first], float(LOSS), float(GRAD_NORM)).to(torch.float64)
-        step = first.to(torch.float64) + float(self._step - self._n + 1)
-        new = (self._first[1] == 0) & bad_step.any()
-        self._first.copy_(torch.where(new, torch.stack([step, kind]), self._first))
-        self._window.zero_()
-        self._n = 0
+        record = torch.stack([torch.stack(self._losses), torch.stack(self._grad_norms)])
+        start = float((self._step - n + 1) * 4)  # the code of the window's first step
+        codes = torch.where(torch.isfinite(record), math.inf, self._codes[:, :n] + start)
+        torch.minimum(self._first, codes.min(), out=self._first)
+        self._losses.clear()
+        self._grad_norms.clear()
 
     def check(
         self,
@@ -228,20 +235,20 @@ class NonFiniteGuard:
         self._raise_if_seen(slots)
 
     def _slots(self, weights: Iterable[torch.Tensor] | None = None) -> torch.Tensor:
-        """This rank's record (with ``weights`` checked now) in its row of a (world size, 2)
-        tensor of zeros: summed over the ranks, row r is rank r's record."""
+        """This rank's record (with ``weights`` checked now) in its slot of a (world size,)
+        tensor of zeros: summed over the ranks, slot r is rank r's record (0: none)."""
         self._fold()
         if weights is not None:
-            bad = ~all_finite(weights)
-            new = (self._first[1] == 0) & bad
-            now = torch.tensor([float(self._step), float(WEIGHTS)], device=self._first.device)
-            self._first.copy_(torch.where(new, now.to(torch.float64), self._first))
-        slots = torch.zeros(self.world_size, 2, dtype=torch.float64, device=self._first.device)
-        slots[self.rank] = self._first
+            now = float(self._step * 4 + WEIGHTS)
+            bad = torch.where(all_finite(weights), math.inf, now)
+            torch.minimum(self._first, bad, out=self._first)
+        slots = torch.zeros(self.world_size, dtype=torch.float64, device=self._first.device)
+        # none is 0 in the slot: the ranks' slots are summed
+        slots[self.rank] = torch.where(torch.isfinite(self._first), self._first, 0.0)
         return slots
 
     def _raise_if_seen(self, slots: torch.Tensor) -> None:
-        seen = [(int(s), int(k), r) for r, (s, k) in enumerate(slots.tolist()) if k > 0]
+        seen = [(int(code) // 4, int(code) % 4, r) for r, code in enumerate(slots.tolist()) if code]
         if not seen:
             return
         step, kind, rank = min(seen)

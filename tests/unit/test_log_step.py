@@ -88,8 +88,8 @@ def test_logged_loss_is_the_mean_of_its_window_with_the_async_reduction(
     rows = [r for r in read_metrics(str(tmp_path / "run" / "metrics.jsonl")) if "train/loss" in r]
     assert [r["step"] for r in rows] == [5, 10, 15, 20, 23]
     # One loss reduction per log step, none elsewhere; and one non-finite check started at each
-    # log step (forge.nonfinite: a (world size, 2) float64 record), read at the next.
-    assert [tuple(t.shape) for t in started] == [(2,), (1, 2)] * 5
+    # log step (forge.nonfinite: one float64 slot per rank), read at the next.
+    assert [tuple(t.shape) for t in started] == [(2,), (1,)] * 5
     ends = [0, 10, 20, 30, 40, 46]  # micro-batches consumed at each log step
     for row, lo, hi in zip(rows, ends[:-1], ends[1:], strict=True):
         total = torch.zeros(())  # summed in float32 per optimizer step, then per window

@@ -204,13 +204,8 @@ def test_guard_reports_the_earliest_step_over_all_ranks() -> None:
             bad = (rank, step) in {(1, 4), (0, 6)}
             guard.observe_loss(torch.tensor(NAN if bad else 1.0))
             guard.end_step()
-    packets: list[torch.Tensor] = []
-    for guard in guards:  # what an all-reduce of both ranks' slots gives
-        guard._fold()  # what check() does first: the window into the record
-        slots = torch.zeros(2, 2, dtype=torch.float64)
-        slots[guard.rank] = guard._first
-        packets.append(slots)
-    total = sum(packets)
+    # What an all-reduce of both ranks' slots gives.
+    total = sum(guard._slots() for guard in guards)
     for guard in guards:
         with pytest.raises(NonFiniteError, match=r"at step 4: .* rank 1\)"):
             guard.check(lambda t, total=total: t.copy_(total))
