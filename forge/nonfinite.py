@@ -25,8 +25,9 @@ so under fp16 the guard watches the loss only and never skips a step the scaler 
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -58,18 +59,6 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     """
     norms = _norms(tensors)
     return torch.ones((), dtype=torch.bool) if norms is None else torch.isfinite(norms).all()
-
-
-def norm_sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor | None:
-    """The sum of the tensors' L2 norms as a 0-d float32 tensor (non-finite iff one of them
-    holds a NaN or inf), or None when there are none. One fused norm, no host sync.
-
-    Example:
-        >>> float(norm_sum([torch.ones(4), torch.zeros(2)])), norm_sum([])
-        (2.0, None)
-    """
-    norms = _norms(tensors)
-    return None if norms is None else norms.sum()
 
 
 def _norms(tensors: Iterable[torch.Tensor]) -> torch.Tensor | None:
@@ -126,19 +115,21 @@ class NonFiniteGuard:
         # and a quantity seen earlier in the same step (loss, then gradients, then weights)
         # wins a tie.
         self._first = torch.full((), math.inf, dtype=torch.float64, **kw)
-        # Per step of the current window, its loss and summed gradient norm, kept as the 0-d
-        # tensors they are (a list append per step, no device op) and folded into _first once
-        # per window: a per-step device record costs ~25 tiny device ops, 10 % of a small
-        # CNN's CPU step (scripts/bench/ddp_overhead.py).
+        # Per step of the current window, its loss and its gradients' norms, kept as the 0-d
+        # tensors they are (list appends, no device op) and folded into _first at each check
+        # and every ``window`` steps: under load (two workers on two cores) each tiny device op
+        # costs several times its quiet microbenchmark, and a per-step device record cost ~25
+        # of them, 10 % of a small CNN's CPU step (scripts/bench/ddp_overhead.py).
         self._window = window
         self._losses: list[torch.Tensor] = []
-        self._grad_norms: list[torch.Tensor] = []
-        # The code of each (quantity, step of the window) for a window starting at step 0.
-        offsets = torch.arange(window, dtype=torch.float64, **kw) * 4
-        self._codes = torch.stack([offsets + LOSS, offsets + GRAD_NORM])
-        self._none = torch.zeros((), **kw)  # the record of a quantity not observed in a step
+        self._grad_norms: list[Sequence[torch.Tensor]] = []
+        self._codes: dict[tuple[int, ...], torch.Tensor] = {}  # see _fold
+        self._none = torch.zeros((), **kw)  # the record of a loss not observed in a step
+        # This rank's slot in a (world size,) tensor: a record summed over ranks stays apart.
+        self._slot = torch.zeros(world_size, dtype=torch.float64, **kw)
+        self._slot[rank] = 1.0
         self._loss: torch.Tensor | None = None  # this step's loss (sum of micro-batches)
-        self._grad_norm: torch.Tensor | None = None  # this step's summed gradient norms
+        self._grad_norm: Sequence[torch.Tensor] = ()  # this step's gradient norms
         self.skipped = 0  # steps skipped under the skip policy
         # A check started at a log step and read at the next one: (slots, wait for the reduction)
         self._pending: tuple[torch.Tensor, Callable[[], None]] | None = None
@@ -150,9 +141,21 @@ class NonFiniteGuard:
         self._loss = loss if self._loss is None else self._loss + loss
 
     def observe_grads(self, parameters: Iterable[torch.nn.Parameter]) -> None:
-        """Call once per optimizer step, after the last backward, before the optimizer step."""
-        if self.check_grads:
-            self._grad_norm = norm_sum(p.grad for p in parameters if p.grad is not None)
+        """Call once per optimizer step, after the last backward, before the optimizer step.
+
+        One fused norm of the gradients (``torch._foreach_norm``), nothing else on the device.
+        """
+        if not self.check_grads:
+            return
+        grads = [p.grad for p in parameters if p.grad is not None]
+        if not grads:
+            self._grad_norm = ()
+        elif all(type(g) is torch.Tensor and not g.requires_grad for g in grads):
+            self._grad_norm = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        else:  # DTensor or ZeRO-3 shards: this rank's part; a graph under create_graph: none
+            with torch.no_grad():
+                local = [_local(g).detach() for g in grads]
+                self._grad_norm = torch._foreach_norm(local, 2, dtype=torch.float32)
 
     def step_is_bad(
         self, all_reduce_sum: Callable[[torch.Tensor], None], loss: torch.Tensor | None = None
@@ -163,12 +166,13 @@ class NonFiniteGuard:
         """
         if loss is not None:
             self.observe_loss(loss)
-        seen = [t.double().reshape(1) for t in (self._loss, self._grad_norm) if t is not None]
+        seen = [self._loss] if self._loss is not None else []
+        seen += self._grad_norm
         flag = torch.zeros(1, dtype=torch.float64, device=self._first.device)
         if seen:
-            flag = (~torch.isfinite(torch.cat(seen))).any().to(torch.float64).reshape(1)
+            flag = (~torch.isfinite(torch.stack(seen))).any().to(torch.float64).reshape(1)
         all_reduce_sum(flag)
-        self._loss = self._grad_norm = None
+        self._loss, self._grad_norm = None, ()
         bad = flag.item() > 0
         self._step += 1
         self.skipped += int(bad)
@@ -183,8 +187,8 @@ class NonFiniteGuard:
             self.observe_loss(loss)
         self._step += 1
         self._losses.append(self._none if self._loss is None else self._loss)
-        self._grad_norms.append(self._none if self._grad_norm is None else self._grad_norm)
-        self._loss = self._grad_norm = None
+        self._grad_norms.append(self._grad_norm)
+        self._loss, self._grad_norm = None, ()
         if len(self._losses) == self._window:
             self._fold()
 
@@ -193,10 +197,19 @@ class NonFiniteGuard:
         n = len(self._losses)
         if n == 0:
             return
-        record = torch.stack([torch.stack(self._losses), torch.stack(self._grad_norms)])
+        counts = tuple(len(norms) for norms in self._grad_norms)
+        codes = self._codes.get(counts)
+        if codes is None:  # once per window shape: the code of each value for a window at 0
+            if len(self._codes) > 16:  # gradients that come and go: do not grow without end
+                self._codes.clear()
+            host = [4.0 * i + LOSS for i in range(n)]
+            host += [4.0 * i + GRAD_NORM for i, count in enumerate(counts) for _ in range(count)]
+            codes = torch.tensor(host, dtype=torch.float64).to(self._first.device)
+            self._codes[counts] = codes
+        values = torch.stack([*self._losses, *itertools.chain.from_iterable(self._grad_norms)])
         start = float((self._step - n + 1) * 4)  # the code of the window's first step
-        codes = torch.where(torch.isfinite(record), math.inf, self._codes[:, :n] + start)
-        torch.minimum(self._first, codes.min(), out=self._first)
+        bad = torch.where(torch.isfinite(values), math.inf, codes + start)
+        torch.minimum(self._first, bad.min(), out=self._first)
         self._losses.clear()
         self._grad_norms.clear()
 
@@ -242,10 +255,8 @@ class NonFiniteGuard:
             now = float(self._step * 4 + WEIGHTS)
             bad = torch.where(all_finite(weights), math.inf, now)
             torch.minimum(self._first, bad, out=self._first)
-        slots = torch.zeros(self.world_size, dtype=torch.float64, device=self._first.device)
-        # none is 0 in the slot: the ranks' slots are summed
-        slots[self.rank] = torch.where(torch.isfinite(self._first), self._first, 0.0)
-        return slots
+        # none (inf) is 0 in the slot: the ranks' slots are summed
+        return torch.nan_to_num(self._first, posinf=0.0) * self._slot
 
     def _raise_if_seen(self, slots: torch.Tensor) -> None:
         seen = [(int(code) // 4, int(code) % 4, r) for r, code in enumerate(slots.tolist()) if code]

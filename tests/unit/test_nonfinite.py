@@ -232,10 +232,13 @@ def test_skip_is_refused_where_a_step_cannot_be_dropped(overrides: list[str], na
 def test_the_first_bad_step_is_named_across_window_folds(bad_step: int) -> None:
     """The record is folded every 64 steps: the step named must not depend on where it fell."""
     guard = NonFiniteGuard(torch.device("cpu"), 0, 1, step=100, window=64)
+    bias, weight = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
     for step in range(101, 100 + 140):
         guard.observe_loss(torch.tensor(1.0))
-        if step - 100 >= bad_step:  # from then on the gradients are inf, the loss NaN later
-            guard._grad_norm = torch.tensor(float("inf"))
+        # From bad_step on one gradient element is inf (the loss NaN two steps later).
+        bias.grad = torch.ones(2)
+        weight.grad = torch.tensor([1.0, float("inf") if step - 100 >= bad_step else 2.0, 3.0])
+        guard.observe_grads([bias, weight])
         if step - 100 >= bad_step + 2:
             guard.observe_loss(torch.tensor(NAN))
         guard.end_step()
