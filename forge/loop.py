@@ -326,7 +326,18 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
 
     # Micro-batches at an epoch's end that cannot fill a whole accumulation group are skipped,
     # so every optimizer step sees exactly accumulate_grad_batches of them.
-    usable = steps_per_epoch * trainer.accumulate_grad_batches
+    accumulate = trainer.accumulate_grad_batches
+    usable = steps_per_epoch * accumulate
+    # Per-step invariants, looked up once: under load each Python call of the hot path costs
+    # several times its quiet microbenchmark (scripts/bench/ddp_overhead.py --paired).
+    log_every, val_every, every = (
+        trainer.log_every_n_steps,
+        trainer.val_every_n_steps,
+        spec.checkpoint.every_n_steps,
+    )
+    no_context = contextlib.nullcontext()
+    precision_context = strategy.autocast(trainer.precision)  # reusable: entered in turn
+    move = ctx.device.type != "cpu"  # a CPU batch is already where it goes
     while state.step < total_steps:
         if state.batch_in_epoch >= usable:
             state.epoch += 1
@@ -340,12 +351,13 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
             itertools.islice(batches, usable - state.batch_in_epoch), start=1
         ):
             state.batch_in_epoch += 1
-            sync_now = micro % trainer.accumulate_grad_batches == 0
-            batch = to_device(batch, ctx.device)
-            with contextlib.nullcontext() if sync_now else strategy.no_sync(model):
-                with strategy.autocast(trainer.precision):
+            sync_now = micro % accumulate == 0
+            if move:
+                batch = to_device(batch, ctx.device)
+            with no_context if sync_now else strategy.no_sync(model):
+                with precision_context:
                     loss = recipe.loss_fn(model, batch)
-                strategy.backward(model, loss, trainer.accumulate_grad_batches)
+                strategy.backward(model, loss, accumulate)
             micro_loss = loss.detach().float()
             step_loss = micro_loss if step_loss is None else step_loss + micro_loss
             step_micro += 1
@@ -373,16 +385,16 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
             if first_step_at is None:
                 first_step_at = time.time()
 
-            if state.step % trainer.log_every_n_steps == 0 or state.step == total_steps:
+            if state.step % log_every == 0 or state.step == total_steps:
                 # Reads the check started at the previous log step, which covers every step of
                 # the window logged now; no wait for the other ranks here.
                 check_finite(wait=False)
                 # train/loss comes with the next log step: nan only when every step of its
                 # window was skipped
                 row = {"lr": step_lr, "epoch": state.epoch}
-                recent = step_times[-trainer.log_every_n_steps :]
+                recent = step_times[-log_every:]
                 step_s = sum(recent) / len(recent)
-                samples = spec.data.batch_size * trainer.accumulate_grad_batches * ctx.world_size
+                samples = spec.data.batch_size * accumulate * ctx.world_size
                 row["throughput/samples_per_s"] = samples / step_s
                 if recipe.tokens_per_sample:
                     row["throughput/tokens_per_s"] = samples * recipe.tokens_per_sample / step_s
@@ -391,13 +403,10 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
                 log_train(train_loss.end_window(state.step, row))
                 guard.start_check(all_reduce_async)  # read at the next log step
 
-            every = spec.checkpoint.every_n_steps
             save_now = bool(every) and state.step % every == 0 and state.step < total_steps
             # A checkpoint is ranked only by metrics of its own weights: with a monitor, every
             # checkpoint step is validated too (not only the val_every_n_steps grid).
-            validate_now = bool(trainer.val_every_n_steps) and (
-                state.step % trainer.val_every_n_steps == 0
-            )
+            validate_now = bool(val_every) and state.step % val_every == 0
             if validate_now or save_now:
                 log_pending_train_row()  # rows stay in step order
             if validate_now or (save_now and ck.monitor is not None):

@@ -51,9 +51,9 @@ class TrainLossWindow:
 
     def __init__(self, device: torch.device, all_reduce_async: AllReduceAsync) -> None:
         self._device = device
-        # Since the last log step: the sum of the losses (one device op per step to keep it)
-        # and how many there were (a host count).
-        self._loss: torch.Tensor | None = None
+        # Since the last log step: the steps' loss sums as they came (a list append per step;
+        # summed on the device once per window) and how many micro-batches (a host count).
+        self._losses: list[torch.Tensor] = []
         self._count = 0
         self._all_reduce_async = all_reduce_async
         self._pending: tuple[int, dict[str, Any], torch.Tensor, Callable[[], None]] | None = None
@@ -65,7 +65,7 @@ class TrainLossWindow:
     def add_step(self, loss_sum: torch.Tensor, count: int) -> None:
         """Add the summed losses (a float scalar tensor) of ``count`` micro-batches, e.g. one
         optimizer step's; no host sync."""
-        self._loss = loss_sum if self._loss is None else self._loss + loss_sum
+        self._losses.append(loss_sum)
         self._count += count
 
     def end_window(self, step: int, row: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
@@ -75,9 +75,12 @@ class TrainLossWindow:
         ``(step, row)`` completed with ``train/loss``, or None if there was none.
         """
         previous = self.flush()
-        loss = self._loss if self._loss is not None else torch.zeros((), device=self._device)
-        sums = torch.stack([loss.float(), torch.tensor(float(self._count), device=self._device)])
-        self._loss, self._count = None, 0
+        if self._losses:
+            loss = torch.stack(self._losses).sum(dtype=torch.float32)
+        else:
+            loss = torch.zeros((), device=self._device)
+        sums = torch.stack([loss, torch.tensor(float(self._count), device=self._device)])
+        self._losses, self._count = [], 0
         self._pending = (step, row, sums, self._all_reduce_async(sums))
         return previous
 
