@@ -57,21 +57,21 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
         >>> bool(all_finite([torch.ones(3), torch.zeros(2)])), bool(all_finite([torch.ones(2) / 0]))
         (True, False)
     """
-    norms = _norms(tensors)
-    return torch.ones((), dtype=torch.bool) if norms is None else torch.isfinite(norms).all()
+    norms = _norms(list(tensors))
+    return torch.isfinite(torch.stack(norms)).all() if norms else torch.ones((), dtype=torch.bool)
 
 
-def _norms(tensors: Iterable[torch.Tensor]) -> torch.Tensor | None:
-    """Each non-empty tensor's (local part's) L2 norm, stacked as float32; None if none."""
-    # Plain tensors (every gradient outside FSDP and ZeRO-3) skip _local's attribute lookups:
-    # this runs at every step.
-    local = [t if type(t) is torch.Tensor else _local(t) for t in tensors]
-    local = [t for t in local if t.numel()]
-    if not local:
-        return None
-    with torch.no_grad():
-        # float32 norms (an fp16 tensor's norm overflows at 65504), stacked in one op.
-        return torch.stack(torch._foreach_norm(local, 2, dtype=torch.float32))
+def _norms(tensors: list[torch.Tensor]) -> Sequence[torch.Tensor]:
+    """Each tensor's (local part's) L2 norm as a 0-d float32 tensor (an fp16 tensor's norm
+    would overflow at 65504), in one fused op; no host sync."""
+    if not tensors:
+        return ()
+    # Plain tensors outside autograd (every gradient outside FSDP and ZeRO-3) skip _local's
+    # attribute lookups and the no_grad context: this runs at every step.
+    if all(type(t) is torch.Tensor and not t.requires_grad for t in tensors):
+        return torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    with torch.no_grad():  # parameters; DTensor or ZeRO-3 shards: this rank's part
+        return torch._foreach_norm([_local(t) for t in tensors], 2, dtype=torch.float32)
 
 
 class NonFiniteGuard:
@@ -147,15 +147,7 @@ class NonFiniteGuard:
         """
         if not self.check_grads:
             return
-        grads = [p.grad for p in parameters if p.grad is not None]
-        if not grads:
-            self._grad_norm = ()
-        elif all(type(g) is torch.Tensor and not g.requires_grad for g in grads):
-            self._grad_norm = torch._foreach_norm(grads, 2, dtype=torch.float32)
-        else:  # DTensor or ZeRO-3 shards: this rank's part; a graph under create_graph: none
-            with torch.no_grad():
-                local = [_local(g).detach() for g in grads]
-                self._grad_norm = torch._foreach_norm(local, 2, dtype=torch.float32)
+        self._grad_norm = _norms([p.grad for p in parameters if p.grad is not None])
 
     def step_is_bad(
         self, all_reduce_sum: Callable[[torch.Tensor], None], loss: torch.Tensor | None = None
