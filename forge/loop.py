@@ -115,7 +115,27 @@ def build_recipe(spec: RunSpec, table: Any = None) -> Recipe:
 
 
 def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, Any]:
-    """Train ``spec`` on this worker; returns rank 0's summary (metrics, step, checkpoints)."""
+    """Train ``spec`` on this worker; returns rank 0's summary (metrics, step, checkpoints).
+
+    If training raises, uploads still running are abandoned (nothing uncommitted lands after
+    the error) and rank 0's metric log is closed, so every row logged before the error reaches
+    ``metrics.jsonl`` and TensorBoard (which writes rows in batches).
+    """
+    on_error: list[Callable[[], None]] = []  # filled as the streamer and metric log open
+    try:
+        return _run_loop(spec, plan, ctx, on_error)
+    except BaseException:
+        for close in on_error:  # both idempotent: a non-finite stop has closed them already
+            try:
+                close()
+            except Exception as exc:  # the error that stopped training is the one to raise
+                log.warning("Cleaning up after a training error failed: %s", exc)
+        raise
+
+
+def _run_loop(
+    spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext, on_error: list[Callable[[], None]]
+) -> dict[str, Any]:
     trainer = spec.trainer
     is_main = ctx.rank == 0
     # Same seed everywhere before building: identical init and data splits on every worker.
@@ -213,6 +233,7 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
         # Rows past the step training resumes from were written by an attempt that died after
         # its last checkpoint: they are dropped, since this attempt logs those steps again.
         metrics_writer = open_run_metrics(plan.run_uri, store.options, resume_step=state.step)
+        on_error.append(metrics_writer.close)
     streamer = make_streamer(
         spec,
         store,
@@ -220,6 +241,7 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
         on_commit=lambda c: ctx.on_progress({"event": "checkpoint", "step": c.step, "uri": c.uri}),
         metrics_writer=metrics_writer,
     )
+    on_error.insert(0, lambda: streamer.close(cancel=True))  # before the log's last sync
     ctx.on_progress({"event": "start", "total_steps": total_steps, "step": state.step})
     if is_main:  # what the strategy implies per worker, said before the first step
         for event in memory_events(spec, num_params, ctx.world_size, ctx.device):

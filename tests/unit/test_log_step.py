@@ -14,11 +14,12 @@ import pytest
 import torch
 
 import forge.loop
+from forge.checkpoint import storage
 from forge.config.compose import compose
 from forge.config.specs import LaunchPlan
 from forge.config.validate import to_run_spec
 from forge.loop import WorkerContext, run_loop
-from forge.metrics import MetricsWriter, read_metrics
+from forge.metrics import MetricsWriter, open_run_metrics, read_metrics
 from forge.progress_sender import BatchedSender
 from forge.train_loss import TrainLossWindow
 
@@ -146,25 +147,51 @@ def test_batched_sender_never_blocks_the_caller_and_swallows_errors() -> None:
     assert sum(calls) == 100  # and no event is lost when a put fails
 
 
-def test_tensorboard_rows_are_written_off_the_calling_thread(tmp_path: Path) -> None:
+def test_tensorboard_rows_are_written_off_the_calling_thread_in_batches(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    callers: set[str] = set()
+    callers: list[str] = []
     writer = MetricsWriter(str(tmp_path))
-    add = writer._add_scalars
+    write = writer._write_tensorboard_rows
 
-    def spy(*args: Any) -> None:
-        callers.add(threading.current_thread().name)
-        add(*args)
+    def spy() -> None:
+        callers.append(threading.current_thread().name)
+        write()
 
-    writer._add_scalars = spy  # type: ignore[method-assign]
-    for step in range(1, 4):
-        writer.log(step, {"train/loss": 1.0 / step, "note": "text"})
-    assert len(read_metrics(writer.path)) == 3  # the JSON lines are there at once
+    writer._write_tensorboard_rows = spy  # type: ignore[method-assign]
+    for step in range(1, 51):
+        writer.log(step, {"train/loss": 1.0 / step, "lr": 0.1, "note": "text"})
+    assert len(read_metrics(writer.path)) == 50  # the JSON lines are there at once
     writer.close()
-    assert callers and threading.current_thread().name not in callers
+    # One batch for the first row, one at close for the other 49: the TensorBoard thread is not
+    # woken once per row.
+    assert len(callers) == 2
+    assert threading.current_thread().name not in callers
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
-    scalars = acc.Scalars("train/loss")
-    assert [s.step for s in scalars] == [1, 2, 3]
-    assert [s.value for s in scalars] == pytest.approx([1.0, 0.5, 1 / 3])
+    assert [s.step for s in acc.Scalars("train/loss")] == list(range(1, 51))
+    assert [s.value for s in acc.Scalars("train/loss")] == pytest.approx(
+        [1.0 / step for step in range(1, 51)]
+    )
+    assert [s.value for s in acc.Scalars("lr")] == pytest.approx([0.1] * 50)
+    assert "note" not in acc.Tags()["scalars"]
+
+
+def test_tensorboard_sync_writes_the_rows_logged_so_far(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    writer = open_run_metrics(f"memory://tb-sync/{tmp_path.name}")
+    writer.log(1, {"train/loss": 1.0})
+    writer.sync()  # the first batch is written; the next log() waits TENSORBOARD_BATCH_S
+    writer.log(2, {"train/loss": 2.0})
+    writer.log(3, {"train/loss": 3.0})
+    writer.sync()  # a checkpoint commit: what is uploaded holds every row so far
+    mirrored = tmp_path / "mirror"
+    (mirrored / "tensorboard").mkdir(parents=True)
+    for entry in storage.list_dir(f"memory://tb-sync/{tmp_path.name}/tensorboard"):
+        data = storage.read_bytes(f"memory://tb-sync/{tmp_path.name}/tensorboard/{entry['name']}")
+        (mirrored / "tensorboard" / entry["name"]).write_bytes(data)
+    acc = EventAccumulator(str(mirrored / "tensorboard"))
+    acc.Reload()
+    assert [s.step for s in acc.Scalars("train/loss")] == [1, 2, 3]
+    writer.close()
