@@ -19,7 +19,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -37,9 +37,10 @@ from forge.precision import autocast
 from forge.recipe import Recipe, build_params, import_recipe_module
 from forge.strategies import make_strategy
 from forge.strategies.memory import memory_events, peak_event, peak_memory
-from forge.train_loss import AllReduceAsync, TrainLossWindow, all_reduce_now
+from forge.train_loss import AllReduceAsync, Row, TrainLossWindow, all_reduce_now
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 WARMUP_STEPS_FOR_TIMING = 20  # the first steps pay for allocator warm-up and lazy init
 
@@ -278,12 +279,9 @@ def _run_loop(
         can_skip=not strategy.name.startswith("deepspeed"),
     )
 
-    def check_finite(weights: Any = None, wait: bool = True) -> None:
+    def stop_if_nonfinite(check: Callable[..., T], *args: Any) -> T:
         try:
-            if wait:
-                guard.check(ctx.all_reduce_sum, weights=weights)
-            else:  # the check the previous log step started
-                guard.finish_check()
+            return check(*args)
         except NonFiniteError:
             # Every rank raises at this (all-reduced) check. What was submitted before passed
             # it: commit that, so a restart resumes from the last good step.
@@ -295,7 +293,7 @@ def _run_loop(
 
     def save(metrics: dict[str, float], final: bool = False) -> None:
         # Never commit a checkpoint of a run that went non-finite (nor non-finite weights).
-        check_finite(weights=strategy.unwrap(model).parameters())
+        stop_if_nonfinite(guard.check, ctx.all_reduce_sum, strategy.unwrap(model).parameters())
         # Training waits only for the host-memory snapshot; serialization, upload and the
         # commit run in the background (forge.checkpoint.streamer).
         with streamer.snapshot():  # host copies into reused buffers
@@ -315,28 +313,30 @@ def _run_loop(
         )
 
     step_times: list[float] = []
-    # The logged loss is reduced across ranks asynchronously and written one log step later
-    # (or at the next validation/checkpoint): reading it never stalls a step.
-    all_reduce_async = ctx.all_reduce_sum_async or all_reduce_now(ctx.all_reduce_sum)
-    train_loss = TrainLossWindow(ctx.device, all_reduce_async)
+    # The logged loss is reduced across ranks asynchronously, about once a second for all the
+    # windows closed since, with the non-finite record riding along, and read at the next log
+    # step (or validation/checkpoint): reading it never stalls a step (forge.train_loss).
+    train_loss = TrainLossWindow(
+        ctx.device,
+        ctx.all_reduce_sum_async or all_reduce_now(ctx.all_reduce_sum),
+        rank=ctx.rank,
+        check=(guard.record, guard.raise_if_seen),
+    )
     # The step in progress: the sum of its micro-batches' losses (on the device) and their count.
     step_loss: torch.Tensor | None = None
     step_micro = 0
     grad_params = list(model.parameters())  # once: walking the modules every step costs ~10 us
 
-    def log_train(done: tuple[int, dict[str, Any]] | None) -> None:
-        # Callers have checked every step of the window for non-finite values first.
-        if done is None:
-            return
-        step, row = done
-        if metrics_writer is not None:
-            metrics_writer.log(step, row)
-        ctx.on_progress({"event": "log", "step": step, **row})
+    def log_train(rows: list[Row]) -> None:
+        # The non-finite record read with their reduction covered every step of these windows.
+        for step, row, wall_time in rows:
+            if metrics_writer is not None:
+                metrics_writer.log(step, row, wall_time)
+            ctx.on_progress({"event": "log", "step": step, **row})
 
-    def log_pending_train_row() -> None:
-        # Before the next log step's check has been read: check now, then log.
-        check_finite()
-        log_train(train_loss.flush())
+    def log_pending_train_rows() -> None:
+        # Rows stay in step order: the train rows closed so far go before a validation's.
+        log_train(stop_if_nonfinite(train_loss.flush, state.step))
 
     last_val: dict[str, float] = {}
     last_val_step = -1
@@ -408,11 +408,8 @@ def _run_loop(
                 first_step_at = time.time()
 
             if state.step % log_every == 0 or state.step == total_steps:
-                # Reads the check started at the previous log step, which covers every step of
-                # the window logged now; no wait for the other ranks here.
-                check_finite(wait=False)
-                # train/loss comes with the next log step: nan only when every step of its
-                # window was skipped
+                # train/loss is filled in when the window's reduction is read, at a later log
+                # step; nan only when every step of its window was skipped
                 row = {"lr": step_lr, "epoch": state.epoch}
                 recent = step_times[-log_every:]
                 step_s = sum(recent) / len(recent)
@@ -422,15 +419,15 @@ def _run_loop(
                     row["throughput/tokens_per_s"] = samples * recipe.tokens_per_sample / step_s
                 if skip_nonfinite:
                     row["train/skipped_steps"] = guard.skipped
-                log_train(train_loss.end_window(state.step, row))
-                guard.start_check(all_reduce_async)  # read at the next log step
+                # No wait for the other ranks here: a reduction started earlier is done by now.
+                log_train(stop_if_nonfinite(train_loss.end_window, state.step, row))
 
             save_now = bool(every) and state.step % every == 0 and state.step < total_steps
             # A checkpoint is ranked only by metrics of its own weights: with a monitor, every
             # checkpoint step is validated too (not only the val_every_n_steps grid).
             validate_now = bool(val_every) and state.step % val_every == 0
             if validate_now or save_now:
-                log_pending_train_row()  # rows stay in step order
+                log_pending_train_rows()  # rows stay in step order
             if validate_now or (save_now and ck.monitor is not None):
                 last_val, last_val_step = evaluate(), state.step
                 if last_val and metrics_writer is not None:
@@ -447,7 +444,7 @@ def _run_loop(
                 streamer.finish()  # Tune's report carries this step's committed checkpoint
                 ctx.wait_for_report(state.step)
 
-    log_pending_train_row()
+    log_pending_train_rows()
     if ckpt is not None and state.step == start_step:
         # Nothing left to train (a finished run started again): report its last checkpoint's
         # metrics; evaluating again would log a second row for a step already logged.

@@ -120,14 +120,16 @@ class MetricsWriter:
             self._tb_thread.submit(fn, *args).result()
             self._tb_opened.result()  # raises here if TensorBoard failed to open
 
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
+    def log(self, step: int, metrics: dict[str, Any], wall_time: float | None = None) -> None:
         """Append a row: the JSON line now, TensorBoard within :data:`TENSORBOARD_BATCH_S`.
 
         Args:
             step: The optimizer step the row belongs to (TensorBoard's x axis).
             metrics: Name to value; TensorBoard gets the ``int``/``float`` ones.
+            wall_time: When the row's values were taken (``time.time()``; default: now), for a
+                row logged after its step (the train loss is reduced across ranks in batches).
         """
-        now = time.time()
+        now = time.time() if wall_time is None else wall_time
         row = {"step": step, "time": round(now, 3), **metrics}
         self._file.write(json.dumps(row) + "\n")
         if self._tb_thread is not None:

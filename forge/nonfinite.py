@@ -4,9 +4,10 @@ A NaN/inf loss or gradient does not raise in PyTorch: the optimizer writes NaN i
 and training carries on, logging NaN and checkpointing it. :class:`NonFiniteGuard` watches the
 loss of every micro-batch and (where forge steps the optimizer itself and no fp16 loss scaler
 owns overflow) the gradient norm, and records on the device the first step where one of them
-was not finite. Nothing is read back per step: :meth:`NonFiniteGuard.check` reads the record
-where the loop syncs anyway (log steps) and always before a checkpoint is submitted, and it also
-checks the weights then, so no checkpoint with non-finite weights is ever committed.
+was not finite. Nothing is read back per step: the record is summed across ranks with the
+logged loss (:meth:`NonFiniteGuard.record`), and read before any row of the steps it covers is
+logged; :meth:`NonFiniteGuard.check` reads it at once, with the weights, before every
+checkpoint is submitted, so no checkpoint with non-finite weights is ever committed.
 
 Policies (``trainer.on_nonfinite``):
 
@@ -131,8 +132,6 @@ class NonFiniteGuard:
         self._loss: torch.Tensor | None = None  # this step's loss (sum of micro-batches)
         self._grad_norm: Sequence[torch.Tensor] = ()  # this step's gradient norms
         self.skipped = 0  # steps skipped under the skip policy
-        # A check started at a log step and read at the next one: (slots, wait for the reduction)
-        self._pending: tuple[torch.Tensor, Callable[[], None]] | None = None
 
     def observe_loss(self, loss: torch.Tensor) -> None:
         """Call with a micro-batch's loss, or a sum of them (NaN and inf survive a sum);
@@ -212,36 +211,19 @@ class NonFiniteGuard:
     ) -> None:
         """Raise :class:`~forge.errors.NonFiniteError` if any worker recorded a non-finite step
         (or, with ``weights``, holds a non-finite weight now). Call on every rank: one small
-        all-reduce and one host sync. A check started by :meth:`start_check` is read first."""
-        self.finish_check()
-        slots = self._slots(weights)
+        all-reduce and one host sync."""
+        slots = self.record(weights)
         all_reduce_sum(slots)
-        self._raise_if_seen(slots)
+        self.raise_if_seen(slots.tolist())
 
-    def start_check(self, all_reduce_async: Callable[[torch.Tensor], Callable[[], None]]) -> None:
-        """:meth:`check` without waiting: start reducing the record of every step so far; the
-        next :meth:`finish_check` (or :meth:`check`) reads it and raises. Call on every rank.
-
-        The forge loop starts one at each log step and finishes it at the next, before it logs
-        the window those steps belong to: no log step waits for the other ranks, no non-finite
-        row is ever logged, and the step named is still the first bad one.
-        """
-        self.finish_check()
-        slots = self._slots()
-        self._pending = (slots, all_reduce_async(slots))
-
-    def finish_check(self) -> None:
-        """Wait for the check :meth:`start_check` started, if any, and raise as :meth:`check`."""
-        if self._pending is None:
-            return
-        slots, wait = self._pending
-        self._pending = None
-        wait()
-        self._raise_if_seen(slots)
-
-    def _slots(self, weights: Iterable[torch.Tensor] | None = None) -> torch.Tensor:
+    def record(self, weights: Iterable[torch.Tensor] | None = None) -> torch.Tensor:
         """This rank's record (with ``weights`` checked now) in its slot of a (world size,)
-        tensor of zeros: summed over the ranks, slot r is rank r's record (0: none)."""
+        float64 tensor of zeros; no host sync. Summed over the ranks, slot r is rank r's record
+        (0: none): pass the sum, as floats, to :meth:`raise_if_seen`.
+
+        The forge loop sends it with the train loss's reduction
+        (:class:`forge.train_loss.TrainLossWindow`), so checking costs no collective of its own.
+        """
         self._fold()
         if weights is not None:
             now = float(self._step * 4 + WEIGHTS)
@@ -250,8 +232,10 @@ class NonFiniteGuard:
         # none (inf) is 0 in the slot: the ranks' slots are summed
         return torch.nan_to_num(self._first, posinf=0.0) * self._slot
 
-    def _raise_if_seen(self, slots: torch.Tensor) -> None:
-        seen = [(int(code) // 4, int(code) % 4, r) for r, code in enumerate(slots.tolist()) if code]
+    def raise_if_seen(self, summed: Sequence[float]) -> None:
+        """Raise :class:`~forge.errors.NonFiniteError` naming the earliest non-finite step in
+        ``summed``, every rank's :meth:`record` summed (as floats); nothing if there is none."""
+        seen = [(int(code) // 4, int(code) % 4, r) for r, code in enumerate(summed) if code]
         if not seen:
             return
         step, kind, rank = min(seen)

@@ -1,22 +1,40 @@
 """The logged training loss: the mean over a logging window of every micro-batch on every rank.
 
-The loss is summed on the device at every micro-batch (no host sync). At a log step the
-window's (sum, count) is all-reduced *asynchronously* and read back only when the next log step
-comes, or when someone needs it sooner (a validation, a checkpoint, the end of training):
-by then the reduction is long done, so reading it costs no wait on the other ranks and no
-device sync on a GPU. The value is the same as a blocking reduction's; it is only written one
-log interval later.
+The loss is summed on the device at every micro-batch (no host sync). At a log step the window
+is closed on the device, and closed windows are reduced across ranks *together*, in one
+asynchronous all-reduce about every :data:`REDUCE_EVERY_S` seconds, read back at the next log
+step (or when a validation, a checkpoint or the end of training needs the rows): by then the
+reduction is long done, so reading it costs no wait on the other ranks and no device sync on a
+GPU. The values are those of a blocking reduction per window; rows are only written later,
+at most about a second plus one log interval.
+
+Why batches: one small collective cost each rank 0.4-1 ms of CPU on gloo's threads
+(``torch.distributed`` on 2 CPU processes, whichever the tensor or the skew between ranks),
+so one per log step was 1-2 % of a small model's step on two cores
+(``scripts/bench/ddp_overhead.py --paired``). The non-finite guard's record rides in the same
+collective (``check``), so a log step starts at most one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 #: Starts summing a tensor across ranks in place and returns a function that waits for it.
 AllReduceAsync = Callable[[torch.Tensor], Callable[[], None]]
+
+#: A finished window: its log step, its row (``train/loss`` included) and the wall-clock time
+#: (``time.time()``) it was closed at.
+Row = tuple[int, dict[str, Any], float]
+
+#: Seconds between reductions of the closed windows (rank 0's clock decides, for every rank).
+REDUCE_EVERY_S = 1.0
+#: At most this many windows per reduction.
+MAX_WINDOWS = 64
 
 
 def all_reduce_now(all_reduce_sum: Callable[[torch.Tensor], None]) -> AllReduceAsync:
@@ -35,28 +53,52 @@ class TrainLossWindow:
     Args:
         device: Where the sums live (the loss's device).
         all_reduce_async: Starts an in-place sum across ranks; returns its wait function.
+        rank: This worker's rank: rank 0's clock sets how many windows go in a reduction
+            (every rank reads the same reduced value, so they all agree).
+        check: Another reduction to ride along, as ``(record, read)``: ``record()`` gives a 1-d
+            float64 tensor (on ``device``) to sum across ranks with the losses, ``read(summed)``
+            gets it back as floats before any row of that reduction is returned, and may raise
+            (the non-finite guard: no row of a window it covers is ever logged).
+        reduce_every_s: Seconds between reductions (:data:`REDUCE_EVERY_S`; 0: one per window).
 
     Example:
         >>> w = TrainLossWindow(torch.device("cpu"), all_reduce_now(lambda t: None))
         >>> for loss in (1.0, 2.0, 3.0):
         ...     w.add(torch.tensor(loss))
-        >>> w.end_window(3, {"lr": 0.1}) is None  # reduction started; nothing to log yet
-        True
+        >>> w.end_window(3, {"lr": 0.1}, wall_time=0.0)  # reduction started; nothing to log yet
+        []
         >>> w.add(torch.tensor(5.0))
-        >>> w.end_window(4, {"lr": 0.1})  # the previous window, now complete
-        (3, {'train/loss': 2.0, 'lr': 0.1})
-        >>> w.flush()
-        (4, {'train/loss': 5.0, 'lr': 0.1})
+        >>> w.end_window(4, {"lr": 0.1}, wall_time=1.0)  # the previous window, now complete
+        [(3, {'train/loss': 2.0, 'lr': 0.1}, 0.0)]
+        >>> w.flush(4)
+        [(4, {'train/loss': 5.0, 'lr': 0.1}, 1.0)]
     """
 
-    def __init__(self, device: torch.device, all_reduce_async: AllReduceAsync) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        all_reduce_async: AllReduceAsync,
+        *,
+        rank: int = 0,
+        check: tuple[Callable[[], torch.Tensor], Callable[[Sequence[float]], None]] | None = None,
+        reduce_every_s: float = REDUCE_EVERY_S,
+    ) -> None:
         self._device = device
-        # Since the last log step: the steps' loss sums as they came (a list append per step;
-        # summed on the device once per window) and how many micro-batches (a host count).
+        self._all_reduce_async = all_reduce_async
+        self._check = check
+        self._reduce_every_s = reduce_every_s
+        self._lead = rank == 0
+        # The open window: each step's loss sum as it came (a list append per step; summed on
+        # the device when the window closes) and how many micro-batches (a host count).
         self._losses: list[torch.Tensor] = []
         self._count = 0
-        self._all_reduce_async = all_reduce_async
-        self._pending: tuple[int, dict[str, Any], torch.Tensor, Callable[[], None]] | None = None
+        # Closed windows waiting for a reduction: (step, row, loss sum on the device, count, time)
+        self._closed: list[tuple[int, dict[str, Any], torch.Tensor, int, float]] = []
+        self._per_reduction = 1  # windows per reduction; adapted at each read
+        self._last_start = time.perf_counter()
+        # The reduction started: (the step it covers up to, its windows, the tensor, its wait)
+        self._in_flight: tuple[int, list[Any], torch.Tensor, Callable[[], None]] | None = None
+        self._checked_up_to = -1  # the step the last check read covered
 
     def add(self, loss: torch.Tensor) -> None:
         """Add one micro-batch's loss (a scalar tensor); no host sync."""
@@ -68,27 +110,71 @@ class TrainLossWindow:
         self._losses.append(loss_sum)
         self._count += count
 
-    def end_window(self, step: int, row: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
-        """Close the window at log step ``step``: start its reduction (call on every rank).
+    def end_window(
+        self, step: int, row: dict[str, Any], wall_time: float | None = None
+    ) -> list[Row]:
+        """Close the window at log step ``step`` (call on every rank, at the same steps).
 
-        ``row`` holds the step's other metrics (lr, throughput). Returns the previous window's
-        ``(step, row)`` completed with ``train/loss``, or None if there was none.
+        ``row`` holds the step's other metrics (lr, throughput); ``wall_time`` defaults to now.
+        Returns the rows whose reduction is complete, in step order (often none).
         """
-        previous = self.flush()
+        done = self._read()
         if self._losses:
             loss = torch.stack(self._losses).sum(dtype=torch.float32)
         else:
             loss = torch.zeros((), device=self._device)
-        sums = torch.stack([loss, torch.tensor(float(self._count), device=self._device)])
+        when = time.time() if wall_time is None else wall_time
+        self._closed.append((step, row, loss, self._count, when))
         self._losses, self._count = [], 0
-        self._pending = (step, row, sums, self._all_reduce_async(sums))
-        return previous
+        if len(self._closed) >= self._per_reduction:
+            self._start(step)
+        return done
 
-    def flush(self) -> tuple[int, dict[str, Any]] | None:
-        """Wait for the pending window's reduction and return its ``(step, row)``, or None."""
-        if self._pending is None:
-            return None
-        step, row, sums, wait = self._pending
-        self._pending = None
+    def flush(self, step: int) -> list[Row]:
+        """Reduce every closed window now (blocking) and return their rows; the open window
+        stays open. With ``check``, it is also read up to ``step`` (the step training is at),
+        with a reduction of its own if none covered that step. Call on every rank, at the same
+        steps."""
+        done = self._read()
+        if self._closed or (self._check is not None and self._checked_up_to < step):
+            self._start(step)
+            done += self._read()
+        return done
+
+    def _start(self, step: int) -> None:
+        windows, self._closed = self._closed, []
+        now = time.perf_counter()
+        # Only rank 0's clock counts: the sum every rank reads back is exactly its value.
+        elapsed = now - self._last_start if self._lead else 0.0
+        self._last_start = now
+        host = [float(w[3]) for w in windows] + [elapsed]
+        parts = [torch.tensor(host, dtype=torch.float64, device=self._device)]
+        if windows:
+            parts.insert(0, torch.stack([w[2] for w in windows]).to(torch.float64))
+        if self._check is not None:
+            parts.append(self._check[0]())
+        packed = torch.cat(parts)
+        self._in_flight = (step, windows, packed, self._all_reduce_async(packed))
+
+    def _read(self) -> list[Row]:
+        if self._in_flight is None:
+            return []
+        step, windows, packed, wait = self._in_flight
+        self._in_flight = None
         wait()
-        return step, {"train/loss": (sums[0] / sums[1]).item(), **row}
+        values = packed.tolist()
+        n = len(windows)
+        losses, counts, elapsed = values[:n], values[n : 2 * n], values[2 * n]
+        if self._check is not None:
+            self._check[1](values[2 * n + 1 :])
+            self._checked_up_to = step
+        # Enough windows that the next reduction comes about reduce_every_s after this one.
+        if n:
+            per_window = elapsed / n
+            wanted = self._reduce_every_s / per_window if per_window > 0 else MAX_WINDOWS
+            self._per_reduction = max(1, min(MAX_WINDOWS, int(wanted)))
+        # A window of skipped steps only: no loss to average (nan).
+        return [
+            (step, {"train/loss": loss / count if count else math.nan, **row}, when)
+            for (step, row, _, _, when), loss, count in zip(windows, losses, counts, strict=True)
+        ]

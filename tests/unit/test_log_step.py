@@ -8,12 +8,14 @@ import dataclasses
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 
 import forge.loop
+import forge.train_loss
 from forge.checkpoint import storage
 from forge.config.compose import compose
 from forge.config.specs import LaunchPlan
@@ -21,7 +23,7 @@ from forge.config.validate import to_run_spec
 from forge.loop import WorkerContext, run_loop
 from forge.metrics import MetricsWriter, open_run_metrics, read_metrics
 from forge.progress_sender import BatchedSender
-from forge.train_loss import TrainLossWindow
+from forge.train_loss import TrainLossWindow, all_reduce_now
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -88,15 +90,17 @@ def test_logged_loss_is_the_mean_of_its_window_with_the_async_reduction(
 
     rows = [r for r in read_metrics(str(tmp_path / "run" / "metrics.jsonl")) if "train/loss" in r]
     assert [r["step"] for r in rows] == [5, 10, 15, 20, 23]
-    # One loss reduction per log step, none elsewhere; and one non-finite check started at each
-    # log step (forge.nonfinite: one float64 slot per rank), read at the next.
-    assert [tuple(t.shape) for t in started] == [(2,), (1,)] * 5
+    # One reduction per log step here (each is followed by a validation, a checkpoint or the
+    # end, which reads what is pending): the window's loss sum and micro-batch count, rank 0's
+    # clock, and the non-finite record riding along (forge.nonfinite: one float64 slot per rank).
+    assert [tuple(t.shape) for t in started] == [(4,)] * 5
     ends = [0, 10, 20, 30, 40, 46]  # micro-batches consumed at each log step
     for row, lo, hi in zip(rows, ends[:-1], ends[1:], strict=True):
         total = torch.zeros(())  # summed in float32 per optimizer step, then per window
         for i in range(lo, hi, 2):
             total += losses[i] + losses[i + 1]
-        expected = ((total * 2) / torch.tensor(2.0 * (hi - lo))).item()
+        # the window's float32 sum, reduced (here: doubled) and divided in float64
+        expected = (total.item() * 2) / (2.0 * (hi - lo))
         assert row["train/loss"] == expected, row["step"]
     logged = [e for e in events if e["event"] == "log"]
     assert [e["train/loss"] for e in logged] == [r["train/loss"] for r in rows]
@@ -108,13 +112,54 @@ def test_logged_loss_is_the_mean_of_its_window_with_the_async_reduction(
 
 def test_the_loss_window_is_cloned_before_its_reduction_starts() -> None:
     started: list[torch.Tensor] = []
-    window = TrainLossWindow(torch.device("cpu"), two_identical_ranks_async(started))
+    window = TrainLossWindow(
+        torch.device("cpu"), two_identical_ranks_async(started), reduce_every_s=0.0
+    )
     window.add(torch.tensor(1.0))
-    assert window.end_window(1, {}) is None
+    assert window.end_window(1, {}, wall_time=10.0) == []
     window.add(torch.tensor(3.0))  # the next window: must not leak into the pending one
-    assert window.end_window(2, {"lr": 0.5}) == (1, {"train/loss": 1.0})
-    assert window.flush() == (2, {"train/loss": 3.0, "lr": 0.5})
-    assert window.flush() is None
+    assert window.end_window(2, {"lr": 0.5}, wall_time=20.0) == [(1, {"train/loss": 1.0}, 10.0)]
+    assert window.flush(2) == [(2, {"train/loss": 3.0, "lr": 0.5}, 20.0)]
+    assert window.flush(2) == []
+
+
+def test_closed_windows_are_reduced_together_about_once_per_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rank 0 closes a window every 0.1 s; reductions come every reduce_every_s = 1 s: the
+    first alone (the first row is seen at once), then ten windows per collective."""
+    clock = [0.0]
+    monkeypatch.setattr(
+        forge.train_loss, "time", SimpleNamespace(perf_counter=lambda: clock[0], time=time.time)
+    )
+    reductions: list[int] = []
+
+    def one_rank(tensor: torch.Tensor) -> None:
+        reductions.append(tensor.numel())
+
+    window = TrainLossWindow(torch.device("cpu"), all_reduce_now(one_rank), reduce_every_s=1.0)
+    logged: list[tuple[int, float]] = []
+    for step in range(1, 26):
+        clock[0] = step * 0.1
+        window.add(torch.tensor(float(step)))
+        window.add(torch.tensor(float(step) + 1))
+        logged += [(s, row["train/loss"]) for s, row, _ in window.end_window(step, {})]
+    # Windows 1 | 2-11 | 12-21, each read at the next log step; 22-25 wait for a flush.
+    assert [n // 2 for n in reductions] == [1, 10, 10]  # (loss sum, count) per window, + clock
+    assert logged == [(step, step + 0.5) for step in range(1, 22)]
+    assert [s for s, _, _ in window.flush(25)] == [22, 23, 24, 25]
+    assert [n // 2 for n in reductions] == [1, 10, 10, 4]
+
+    # Another rank keeps the pace of rank 0's clock, not its own (whose windows take 0.1 s too):
+    # here it adds 0 to the sum (no rank 0 in this one-rank stand-in), which asks for the most
+    # windows per reduction.
+    other = TrainLossWindow(torch.device("cpu"), all_reduce_now(one_rank), rank=1)
+    reductions.clear()
+    for step in range(1, 70):
+        clock[0] += 0.1
+        other.add(torch.tensor(1.0))
+        other.end_window(step, {})
+    assert [n // 2 for n in reductions] == [1, forge.train_loss.MAX_WINDOWS]
 
 
 def test_batched_sender_keeps_order_batches_and_flushes_on_close() -> None:

@@ -40,6 +40,7 @@ SCALAR_RECIPE = textwrap.dedent(
     class Params:
         xs: list = field(default_factory=list)
         loss: str = "linear"  # linear: w * x; sqrt: sqrt(|w * x|), whose gradient at x=0 is NaN
+        val: list = field(default_factory=list)  # validation xs (none: no validation)
 
 
     class One(torch.nn.Module):
@@ -56,7 +57,8 @@ SCALAR_RECIPE = textwrap.dedent(
             return model.w * x
 
         data = TensorDataset(torch.tensor(params.xs, dtype=torch.float32))
-        return forge.Recipe(model=One(), train_data=data, loss_fn=loss_fn)
+        val = TensorDataset(torch.tensor(params.val, dtype=torch.float32)) if params.val else None
+        return forge.Recipe(model=One(), train_data=data, loss_fn=loss_fn, val_data=val)
     """
 )
 
@@ -141,6 +143,22 @@ def test_log_steps_check_without_waiting_and_never_log_a_non_finite_row(tmp_path
     assert committed_steps(tmp_path / "run") == []
 
 
+def test_a_validation_between_log_steps_reads_the_check_first(tmp_path: Path) -> None:
+    """No log step before the end, a validation at step 4, step 3 NaN: the validation reads the
+    non-finite check up to step 4 before it runs, so it stops the run there and no NaN
+    val/loss row is logged (the weights are NaN from step 3 on)."""
+    spec = scalar_spec(
+        tmp_path,
+        [1.0, 2.0, NAN, 3.0, 4.0, 5.0],
+        every=0,
+        trainer={"val_every_n_steps": 4},
+        params={"val": [1.0]},
+    )
+    with pytest.raises(NonFiniteError, match=r"at step 3: the training loss"):
+        run_loop(spec, plan_for(tmp_path / "run"), WorkerContext())
+    assert not (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
 def test_a_non_finite_gradient_with_a_finite_loss_is_named(tmp_path: Path) -> None:
     """sqrt(|w x|) at x=0 is 0, a finite loss, but its gradient is NaN: step 2 is named with
     the gradient norm."""
@@ -205,7 +223,7 @@ def test_guard_reports_the_earliest_step_over_all_ranks() -> None:
             guard.observe_loss(torch.tensor(NAN if bad else 1.0))
             guard.end_step()
     # What an all-reduce of both ranks' slots gives.
-    total = sum(guard._slots() for guard in guards)
+    total = sum(guard.record() for guard in guards)
     for guard in guards:
         with pytest.raises(NonFiniteError, match=r"at step 4: .* rank 1\)"):
             guard.check(lambda t, total=total: t.copy_(total))
