@@ -75,6 +75,45 @@ def _norms(tensors: list[torch.Tensor]) -> Sequence[torch.Tensor]:
         return torch._foreach_norm([_local(t) for t in tensors], 2, dtype=torch.float32)
 
 
+def flat_runs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` as few 1-d tensors: each run of them that tiles one contiguous block of one
+    storage (DDP's gradient buckets, under ``gradient_as_bucket_view``) becomes one view of that
+    block; the others stay as they are. Same elements, so the same verdict on finiteness, with
+    one kernel per run instead of one per tensor (CPU has no fused multi-tensor norm).
+
+    Example:
+        >>> bucket = torch.arange(10.0)
+        >>> runs = flat_runs([bucket[4:10].view(2, 3), bucket[0:4], torch.ones(2)])
+        >>> [tuple(r.shape) for r in runs]
+        [(10,), (2,)]
+        >>> [tuple(r.shape) for r in flat_runs([bucket[0:3], bucket[4:10]])]  # a gap: two runs
+        [(3,), (6,)]
+    """
+
+    def block(t: torch.Tensor) -> tuple[int, int]:
+        return t.untyped_storage().data_ptr(), t.data_ptr()
+
+    runs: list[list[torch.Tensor]] = []
+    for t in sorted(tensors, key=block):
+        last = runs[-1][-1] if runs else None
+        if (
+            last is not None
+            and t.is_contiguous()
+            and last.is_contiguous()
+            and t.dtype == last.dtype
+            and t.device == last.device
+            and block(t)[0] == block(last)[0]
+            and t.data_ptr() == last.data_ptr() + last.numel() * last.element_size()
+        ):
+            runs[-1].append(t)
+        else:
+            runs.append([t])
+    return [
+        run[0].as_strided((sum(t.numel() for t in run),), (1,)) if len(run) > 1 else run[0]
+        for run in runs
+    ]
+
+
 class NonFiniteGuard:
     """This worker's record of the first non-finite step; see the module docstring.
 
@@ -126,6 +165,11 @@ class NonFiniteGuard:
         self._grad_norms: list[Sequence[torch.Tensor]] = []
         self._codes: dict[tuple[int, ...], torch.Tensor] = {}  # see _fold
         self._none = torch.zeros((), **kw)  # the record of a loss not observed in a step
+        # The gradients as flat runs (see flat_runs), and where the gradients were when built;
+        # how many times gradients were found in no shared buffer.
+        self._runs_key: list[int] = []
+        self._runs: list[torch.Tensor] = []
+        self._untiled = 0
         # This rank's slot in a (world size,) tensor: a record summed over ranks stays apart.
         self._slot = torch.zeros(world_size, dtype=torch.float64, **kw)
         self._slot[rank] = 1.0
@@ -142,11 +186,27 @@ class NonFiniteGuard:
     def observe_grads(self, parameters: Iterable[torch.nn.Parameter]) -> None:
         """Call once per optimizer step, after the last backward, before the optimizer step.
 
-        One fused norm of the gradients (``torch._foreach_norm``), nothing else on the device.
+        One fused norm of the gradients (``torch._foreach_norm``), nothing else on the device;
+        gradients that are views of one buffer (DDP's buckets) are normed as one tensor per
+        buffer (:func:`flat_runs`, worked out again only when the gradients move).
         """
         if not self.check_grads:
             return
-        self._grad_norm = _norms([p.grad for p in parameters if p.grad is not None])
+        grads = [p.grad for p in parameters if p.grad is not None]
+        # Not for sharded gradients (DTensor, ZeRO); and not again after a few tries found no
+        # shared buffer (no DDP, or gradient_as_bucket_view=false: new gradients every step).
+        if self._untiled < 3 and all(type(g) is torch.Tensor for g in grads):
+            key = [g.data_ptr() for g in grads]
+            if key == self._runs_key:
+                grads = self._runs
+            else:
+                runs = flat_runs(grads)
+                if len(runs) < len(grads):
+                    self._runs_key, self._runs, grads = key, runs, runs
+                else:  # hold no gradient: a stale one would keep its memory alive
+                    self._runs_key, self._runs = [], []
+                    self._untiled += 1
+        self._grad_norm = _norms(grads)
 
     def step_is_bad(
         self, all_reduce_sum: Callable[[torch.Tensor], None], loss: torch.Tensor | None = None

@@ -262,3 +262,24 @@ def test_the_first_bad_step_is_named_across_window_folds(bad_step: int) -> None:
         guard.end_step()
     with pytest.raises(NonFiniteError, match=rf"at step {100 + bad_step}: the gradient norm"):
         guard.check(lambda t: None)
+
+
+def test_gradients_in_one_bucket_are_checked_as_one_tensor_and_followed_when_it_moves() -> None:
+    """DDP (gradient_as_bucket_view) keeps gradients as views of a bucket and moves them to new
+    buckets once after the first step: the check must read the gradients where they are now."""
+    guard = NonFiniteGuard(torch.device("cpu"), 0, 1, step=0)
+    weight, bias = torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(3))
+
+    def step(bucket: torch.Tensor) -> None:
+        weight.grad, bias.grad = bucket[3:9].view(2, 3), bucket[0:3]
+        guard.observe_loss(torch.tensor(1.0))
+        guard.observe_grads([weight, bias])
+        guard.end_step()
+
+    step(torch.ones(9))
+    assert len(guard._grad_norms[-1]) == 1  # one norm over the bucket, not one per parameter
+    moved = torch.ones(12)[:9]
+    moved[5] = math.inf  # an element of the weight's gradient, in the new bucket
+    step(moved)
+    with pytest.raises(NonFiniteError, match=r"at step 2: the gradient norm"):
+        guard.check(lambda t: None)
