@@ -1,4 +1,4 @@
-"""The log step's hot path: the loss reduced asynchronously and logged one log step later,
+"""The log step's hot path: the loss reduced asynchronously in batches of windows and logged later,
 progress events batched off the training thread, TensorBoard written by its own thread. What
 is logged must not change: the mean of every micro-batch loss of the window, on every rank."""
 
