@@ -38,6 +38,7 @@ a mid-epoch resume continues with the batches the uninterrupted run would have t
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import statistics
@@ -66,6 +67,7 @@ from forge.loop import (
     WARMUP_STEPS_FOR_TIMING,
     WorkerContext,
     commit_fence_for,
+    freeze_setup_objects,
     make_streamer,
     rng_state,
 )
@@ -600,6 +602,7 @@ def run_lightning(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[s
                 # forge positions the loaders itself (forge.lightning_exact); Lightning's
                 # "dataloader is not resumable" warning would say the opposite.
                 warnings.filterwarnings("ignore", message=".*ended before the epoch ended.*")
+                freeze_setup_objects()  # a full GC would scan every import's objects
                 trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
         except NonFiniteError:
             # Every rank raised at the same (all-reduced) check; what was submitted before it
@@ -610,6 +613,7 @@ def run_lightning(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[s
             callback.streamer.close(cancel=True)  # nothing uncommitted may land after this
             raise
         finally:
+            gc.unfreeze()
             callback.streamer.close()
             if callback.writer is not None:
                 callback.writer.close()

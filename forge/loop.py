@@ -12,6 +12,7 @@ it would have seen.
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import logging
 import math
@@ -132,6 +133,23 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
             except Exception as exc:  # the error that stopped training is the one to raise
                 log.warning("Cleaning up after a training error failed: %s", exc)
         raise
+    finally:
+        gc.unfreeze()  # what setup froze goes back to the collector
+
+
+def freeze_setup_objects() -> None:
+    """Move every object alive now to the garbage collector's permanent generation.
+
+    forge calls it when a worker starts (after its imports) and again just before the first
+    step. A Ray worker holds about half a million objects from its imports alone (torch, Ray,
+    pandas, pydantic), and the recipe's imports and the model build set off full collections
+    before the first step that scanned all of them: two or three per rank, 0.38-0.52 s in all
+    on rank 0 of the digits experiment, 0.13-0.16 s with the imports frozen (``gc.callbacks`` in
+    a forge worker). Frozen objects are still freed when their last reference goes; only cycles
+    among them wait for ``gc.unfreeze()``, which the loop runs when training ends. See
+    :func:`gc.freeze`.
+    """
+    gc.freeze()
 
 
 def _run_loop(
@@ -360,6 +378,7 @@ def _run_loop(
     no_context = contextlib.nullcontext()
     precision_context = strategy.autocast(trainer.precision)  # reusable: entered in turn
     move = ctx.device.type != "cpu"  # a CPU batch is already where it goes
+    freeze_setup_objects()
     while state.step < total_steps:
         if state.batch_in_epoch >= usable:
             state.epoch += 1

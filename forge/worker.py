@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from forge.config.specs import LaunchPlan, RunSpec
 from forge.errors import TrainingError
-from forge.loop import WorkerContext
+from forge.loop import WorkerContext, freeze_setup_objects
 from forge.progress_sender import BatchedSender
 
 
@@ -33,6 +33,10 @@ def train_fn(config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker`` for every forge run."""
     import ray.train
     import ray.train.torch
+
+    # What the worker imported leaves the collector's view: the full collections that setup
+    # sets off before the first step scan the rest only (forge.loop.freeze_setup_objects).
+    freeze_setup_objects()
 
     spec: RunSpec = config["spec"]
     plan: LaunchPlan = config["plan"]

@@ -737,3 +737,31 @@ def test_under_a_sweep_each_validation_waits_for_tune_after_its_commit(tmp_path:
     run_loop(spec, plan_for(tmp_path / "run"), ctx)
     assert [s for s, _ in waits] == [10, 20]  # not 30: the last report waits for the run's end
     assert all(step in committed for step, committed in waits)
+
+
+@pytest.mark.parametrize("crash", [False, True])
+def test_training_freezes_setup_objects_and_unfreezes_them_at_its_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash: bool
+) -> None:
+    """The loop moves setup's objects out of the collector's view for training (a full
+    collection would scan them all) and gives them back when it ends, crashed or not: frozen
+    objects in a cycle are never collected."""
+    import gc
+
+    frozen_at_first_step: list[int] = []
+    events = []
+
+    def on_progress(event: dict) -> None:
+        if event["event"] == "log" and not frozen_at_first_step:
+            frozen_at_first_step.append(gc.get_freeze_count())
+        events.append(event)
+        if crash and event["event"] == "log":
+            raise Crash
+
+    spec = digits_spec(tmp_path, "trainer.max_steps=4", "trainer.log_every_n_steps=1")
+    try:
+        run_loop(spec, plan_for(tmp_path / "run"), WorkerContext(on_progress=on_progress))
+    except Crash:
+        assert crash
+    assert frozen_at_first_step and frozen_at_first_step[0] > 1000
+    assert gc.get_freeze_count() == 0
