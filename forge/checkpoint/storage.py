@@ -31,6 +31,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from forge.checkpoint.retry import RetryPolicy, StorageUnavailableError, describe
+from forge.checkpoint.threads import background_pool
 from forge.errors import ConfigError
 
 MiB = 2**20
@@ -247,7 +248,7 @@ def _boto3(options: StorageOptions) -> tuple[Any, ThreadPoolExecutor]:
                 region_name=options.region,
                 config=Config(**_botocore_config(options)),
             )
-            pool = ThreadPoolExecutor(options.max_concurrency, thread_name_prefix="forge-s3")
+            pool = background_pool(options.max_concurrency, "forge-s3")
             found = _clients[key] = (client, pool)
         return found
 

@@ -31,6 +31,7 @@ from forge.checkpoint import storage
 from forge.checkpoint.manifest import MANIFEST, FileEntry, Manifest
 from forge.checkpoint.retry import Cancelled
 from forge.checkpoint.storage import StorageOptions
+from forge.checkpoint.threads import background_pool
 from forge.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class CommittedCheckpoint:
         names = list(self.manifest.files)
         if not names:
             return
-        with ThreadPoolExecutor(min(_FILE_CONCURRENCY, len(names))) as pool:
+        with background_pool(min(_FILE_CONCURRENCY, len(names)), "forge-verify") as pool:
             for future in [pool.submit(self.read, name) for name in names]:
                 future.result()
 
@@ -236,7 +237,7 @@ class CheckpointStore:
         items = list(files.items())
         if len(items) <= 1:
             return dict(one(n, p) for n, p in items)
-        with ThreadPoolExecutor(min(_FILE_CONCURRENCY, len(items))) as pool:
+        with background_pool(min(_FILE_CONCURRENCY, len(items)), "forge-write") as pool:
             futures = [pool.submit(one, n, p) for n, p in items]
             try:
                 return dict(f.result() for f in futures)
@@ -468,7 +469,7 @@ def _hasher() -> ThreadPoolExecutor:
     global _hash_pool
     with _hash_pool_lock:
         if _hash_pool is None:
-            _hash_pool = ThreadPoolExecutor(_FILE_CONCURRENCY, thread_name_prefix="forge-sha")
+            _hash_pool = background_pool(_FILE_CONCURRENCY, "forge-sha")
         return _hash_pool
 
 

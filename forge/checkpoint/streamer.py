@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +42,7 @@ from forge.checkpoint.retry import RetryPolicy, describe
 from forge.checkpoint.staging import HostStaging, Lease
 from forge.checkpoint.storage import DEFAULT_OPTIONS
 from forge.checkpoint.store import CheckpointStore, CommittedCheckpoint, GatherFn, Payload
+from forge.checkpoint.threads import background_pool
 from forge.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,8 @@ class CheckpointStreamer:
         self._cancel = threading.Event()
         self._staging = HostStaging()
         self._lease: Lease | None = None  # of the snapshot the next submit() takes
-        self._uploads = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="forge-ckpt")
-        self._committer = ThreadPoolExecutor(1, thread_name_prefix="forge-commit")
+        self._uploads = background_pool(self.max_in_flight, "forge-ckpt")
+        self._committer = background_pool(1, "forge-commit")
         self._closed = False
 
     # -- the training loop's side (main thread, every rank) -------------------------------------
