@@ -120,8 +120,9 @@ def run_loop(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[str, A
     """Train ``spec`` on this worker; returns rank 0's summary (metrics, step, checkpoints).
 
     If training raises, uploads still running are abandoned (nothing uncommitted lands after
-    the error) and rank 0's metric log is closed, so every row logged before the error reaches
-    ``metrics.jsonl`` and TensorBoard (which writes rows in batches).
+    the error) and rank 0's metric log is closed without uploading, so every row logged before
+    the error reaches a local run folder's ``metrics.jsonl`` and TensorBoard (which writes rows
+    in batches), and the error is raised at once.
     """
     on_error: list[Callable[[], None]] = []  # filled as the streamer and metric log open
     try:
@@ -252,7 +253,8 @@ def _run_loop(
         # Rows past the step training resumes from were written by an attempt that died after
         # its last checkpoint: they are dropped, since this attempt logs those steps again.
         metrics_writer = open_run_metrics(plan.run_uri, store.options, resume_step=state.step)
-        on_error.append(metrics_writer.close)
+        # On an error, no upload: storage may be what failed, and the error must not wait.
+        on_error.append(lambda: metrics_writer.close(upload=False))
     streamer = make_streamer(
         spec,
         store,

@@ -173,8 +173,14 @@ class MetricsWriter:
                     storage.write_bytes(storage.join(self.mirror_uri, rel), data, self._options)
                     self._synced[rel] = (stat.st_size, stat.st_mtime_ns)
 
-    def close(self) -> None:
-        """Close the files; a mirrored writer uploads them one last time and drops its staging."""
+    def close(self, upload: bool = True) -> None:
+        """Close the files; a mirrored writer uploads them one last time and drops its staging.
+
+        Args:
+            upload: False when an error is on its way up: the files are completed locally but
+                not uploaded (storage may be what failed; the rows of a mirrored writer since
+                its last :meth:`sync` are dropped, as a killed worker's would be).
+        """
         with self._sync_lock:  # not while a background sync flushes TensorBoard
             if self._file.closed:
                 return
@@ -183,7 +189,8 @@ class MetricsWriter:
                 self._tb_call(self._flush_tensorboard, True)
                 self._tb_thread.shutdown()
         if self.mirror_uri is not None:
-            self.sync()
+            if upload:
+                self.sync()
             shutil.rmtree(self.local_dir, ignore_errors=True)
 
     def __enter__(self) -> MetricsWriter:

@@ -84,8 +84,8 @@ def flat_runs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     Example:
         >>> bucket = torch.arange(10.0)
         >>> runs = flat_runs([bucket[4:10].view(2, 3), bucket[0:4], torch.ones(2)])
-        >>> [tuple(r.shape) for r in runs]
-        [(10,), (2,)]
+        >>> sorted(tuple(r.shape) for r in runs)  # in memory order
+        [(2,), (10,)]
         >>> [tuple(r.shape) for r in flat_runs([bucket[0:3], bucket[4:10]])]  # a gap: two runs
         [(3,), (6,)]
     """
