@@ -611,6 +611,8 @@ def run_lightning(spec: RunSpec, plan: LaunchPlan, ctx: WorkerContext) -> dict[s
             raise
         except BaseException:
             callback.streamer.close(cancel=True)  # nothing uncommitted may land after this
+            if callback.writer is not None:  # as the forge loop: storage may be what failed
+                callback.writer.close(upload=False)
             raise
         finally:
             gc.unfreeze()
