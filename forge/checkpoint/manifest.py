@@ -22,8 +22,9 @@ class FileEntry:
     sha256: str
 
     @staticmethod
-    def of(data: bytes) -> FileEntry:
-        return FileEntry(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    def of(data: bytes | bytearray | memoryview) -> FileEntry:
+        """The entry of a file's bytes (hashlib releases the GIL while it hashes them)."""
+        return FileEntry(size=memoryview(data).nbytes, sha256=hashlib.sha256(data).hexdigest())
 
     @staticmethod
     def of_file(path: str, chunk: int = 1 << 24) -> FileEntry:

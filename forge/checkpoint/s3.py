@@ -10,15 +10,20 @@ reach the server (an outage), :func:`abort_uploads` removes it the next time the
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from forge.checkpoint.retry import Cancelled, RetryPolicy, TransientStorageError
+
+if TYPE_CHECKING:
+    from forge.checkpoint.storage import Buffer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,6 +49,56 @@ class _Either:
                 return False
             self.a.wait(min(left, 0.1))
         return True
+
+
+class _ViewBody(io.RawIOBase):
+    """A request body over a memoryview, for botocore (which takes no memoryview).
+
+    botocore and http.client read the body in chunks of at most a few MiB, each a short copy;
+    slicing the part out as ``bytes`` would copy it whole while holding the GIL, which stalls the
+    training thread (issue 16).
+    """
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view = view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = len(self._view) if size is None or size < 0 else self._pos + size
+        chunk = self._view[self._pos : end].tobytes()
+        self._pos += len(chunk)
+        return chunk
+
+    def readinto(self, buffer: Any) -> int:
+        chunk = self.read(len(memoryview(buffer)))
+        memoryview(buffer).cast("B")[: len(chunk)] = chunk
+        return len(chunk)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _body(data: Buffer) -> tuple[Any, str]:
+    """A request body for ``data`` and its CRC32 (base64, as S3 takes it).
+
+    The CRC32 is computed here, over the memory itself (zlib releases the GIL for it), so that
+    botocore does not read the body once more to compute it.
+    """
+    view = memoryview(data).cast("B")
+    crc = base64.b64encode(zlib.crc32(view).to_bytes(4, "big")).decode()
+    return (data if isinstance(data, bytes) else _ViewBody(view)), crc
 
 
 def translate(exc: BaseException, uri: str) -> BaseException:
@@ -88,24 +143,36 @@ def put(
     pool: ThreadPoolExecutor,
     bucket: str,
     key: str,
-    data: bytes,
+    data: Buffer,
     *,
     part_size: int,
     policy: RetryPolicy,
     cancel: threading.Event | None = None,
     if_none_match: bool = False,
 ) -> None:
-    """Upload ``data``; above ``part_size`` as a multipart upload with concurrent parts."""
+    """Upload ``data``; above ``part_size`` as a multipart upload with concurrent parts.
+
+    Every request carries the CRC32 of its bytes, which S3 checks on arrival; a multipart
+    object records its parts' CRC32s.
+    """
     uri = f"s3://{bucket}/{key}"
     condition = {"IfNoneMatch": "*"} if if_none_match else {}
-    if len(data) <= part_size:
-        call(
-            policy,
-            lambda: client.put_object(Bucket=bucket, Key=key, Body=data, **condition),
-            "upload",
-            uri,
-            cancel,
-        )
+    view = memoryview(data).cast("B")
+    if len(view) <= part_size:
+
+        def put_whole() -> Any:
+            # A fresh body per attempt: a retried request must not resume a consumed stream.
+            body, crc = _body(data)
+            return client.put_object(
+                Bucket=bucket,
+                Key=key,
+                Body=body,
+                ChecksumAlgorithm="CRC32",
+                ChecksumCRC32=crc,
+                **condition,
+            )
+
+        call(policy, put_whole, "upload", uri, cancel)
         return
     upload_id = call(
         policy,
@@ -123,16 +190,24 @@ def put(
     def one_part(number: int, offset: int) -> dict[str, Any]:
         if stop.is_set():
             raise Cancelled(uri)
-        out = call(
-            policy,
+        piece = view[offset : offset + part_size]
+
+        def attempt() -> Any:
             # A fresh body per attempt: a retried request must not resume a consumed stream.
-            lambda: client.upload_part(
+            body, crc = _body(piece)
+            return client.upload_part(
                 Bucket=bucket,
                 Key=key,
                 UploadId=upload_id,
                 PartNumber=number,
-                Body=io.BytesIO(data[offset : offset + part_size]),
-            ),
+                Body=body,
+                ChecksumAlgorithm="CRC32",
+                ChecksumCRC32=crc,
+            )
+
+        out = call(
+            policy,
+            attempt,
             f"upload part {number} of",
             uri,
             stop,
@@ -144,7 +219,7 @@ def put(
 
     futures: list[Future[dict[str, Any]]] = []
     try:
-        for number, offset in enumerate(range(0, len(data), part_size), start=1):
+        for number, offset in enumerate(range(0, len(view), part_size), start=1):
             futures.append(pool.submit(one_part, number, offset))
         parts = [f.result() for f in futures]
         call(

@@ -35,6 +35,9 @@ from forge.checkpoint.threads import background_pool
 from forge.errors import ConfigError
 
 MiB = 2**20
+# A file's bytes as writers take them. The serializers return memoryviews (one-dimensional, of
+# unsigned bytes) over memory they filled without holding the GIL (forge.checkpoint.serialize).
+Buffer = bytes | bytearray | memoryview
 _CONNECT_TIMEOUT_S = 10
 _READ_TIMEOUT_S = 60
 
@@ -287,7 +290,7 @@ def _retry(options: StorageOptions | None, fn: Any, what: str, cancel: Any = Non
 
 def write_bytes(
     uri: str,
-    data: bytes,
+    data: Buffer,
     options: StorageOptions | None = None,
     *,
     cancel: threading.Event | None = None,
@@ -331,7 +334,8 @@ def write_bytes(
     def put() -> None:
         parent = path.rsplit("/", 1)[0]
         fs.makedirs(parent, exist_ok=True)
-        fs.pipe_file(path, data)
+        # fsspec's backends are only sure to take bytes; memoryviews come from the serializers.
+        fs.pipe_file(path, data if isinstance(data, bytes) else bytes(data))
 
     _retry(options, put, f"write {uri}", cancel)
 

@@ -30,7 +30,7 @@ from typing import Any
 from forge.checkpoint import storage
 from forge.checkpoint.manifest import MANIFEST, FileEntry, Manifest
 from forge.checkpoint.retry import Cancelled
-from forge.checkpoint.storage import StorageOptions
+from forge.checkpoint.storage import Buffer, StorageOptions
 from forge.checkpoint.threads import background_pool
 from forge.errors import CheckpointError
 
@@ -41,7 +41,7 @@ POINTER = "latest.json"
 # store works with torch.distributed, with another collective, or alone in a unit test.
 GatherFn = Callable[[Any], "list[Any] | None"]
 # A file's bytes, or a zero-argument callable producing them (run in the background).
-Payload = bytes | Callable[[], bytes]
+Payload = Buffer | Callable[[], Buffer]
 _FILE_CONCURRENCY = 4  # files of one rank written (or verified) at once
 
 

@@ -20,11 +20,12 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from forge.checkpoint.storage import Buffer
 from forge.checkpoint.store import CommittedCheckpoint
 from forge.config.specs import RunSpec
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-FilePayload = bytes | Callable[[], bytes]
+FilePayload = Buffer | Callable[[], Buffer]
 
 
 class Strategy(Protocol):

@@ -465,6 +465,60 @@ def test_views_and_non_contiguous_tensors_round_trip() -> None:
         assert torch.equal(loaded[name], tensor), name
 
 
+def test_tensors_to_bytes_writes_what_safetensors_writes() -> None:
+    """forge lays the file out itself (to copy without the GIL); the library is the oracle."""
+    from safetensors.torch import _TYPES
+    from safetensors.torch import save as st_save
+
+    torch.manual_seed(0)
+    tensors = {
+        f"t_{name}": torch.randn(3, 2).to(dtype)
+        if dtype.is_floating_point or dtype.is_complex
+        else torch.arange(6).reshape(3, 2).to(dtype)
+        for name, dtype in _TYPES.items()
+        if "FNUZ" not in name  # not laid out by forge: left to the library
+    }
+    tied = torch.randn(4)
+    tensors |= {
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "transposed": torch.randn(4, 3).t(),
+        "slice": torch.arange(10.0)[3:7],
+        "naïve": torch.ones(1),  # a non-ASCII name: UTF-8 in the header, as serde writes it
+        "tied.a": tied,
+        "tied.b": tied,
+    }
+    out = tensors_to_bytes(tensors)
+    assert isinstance(out, memoryview)  # filled in place, not a bytes object from the library
+    assert bytes(out) == st_save({k: v.contiguous().clone() for k, v in tensors.items()})
+    assert bytes(tensors_to_bytes({})) == st_save({})
+    fnuz = {"f": torch.zeros(2, dtype=torch.float8_e4m3fnuz)}
+    assert bytes(tensors_to_bytes(fnuz)) == st_save(fnuz)
+
+
+@pytest.mark.parametrize("capacity", [None, 10], ids=["sized", "grown"])
+def test_object_to_bytes_writes_what_torch_save_writes(monkeypatch, capacity) -> None:
+    import forge.checkpoint.serialize as serialize
+
+    if capacity is not None:  # an estimate far too small: the buffer grows as records arrive
+        monkeypatch.setattr(serialize, "_storage_bytes", lambda obj: capacity)
+    copied: list[int] = []
+    real_memmove = serialize.ctypes.memmove
+    monkeypatch.setattr(
+        serialize.ctypes, "memmove", lambda d, s, n: copied.append(n) or real_memmove(d, s, n)
+    )
+    layer = nn.Linear(300, 200)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    layer(torch.ones(1, 300)).sum().backward()
+    opt.step()
+    state = {"optim": opt.state_dict(), "model": layer.state_dict(), "step": 7}
+    out = object_to_bytes(state)
+    assert bytes(out) == _torch_save(state)
+    # The large tensor records (the weight, its exp_avg and exp_avg_sq) were copied by the
+    # foreign call, which releases the GIL; the biases are small enough to copy inline.
+    assert sum(copied) >= 3 * layer.weight.numel() * 4
+
+
 def test_tensors_to_bytes_does_not_alter_the_input() -> None:
     t = torch.ones(3)
     state = {"a": t, "b": t}

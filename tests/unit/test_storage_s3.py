@@ -63,6 +63,29 @@ def test_small_and_multipart_objects_round_trip(s3_server, s3_bucket, s3_client)
         storage.read_bytes(f"{s3_bucket}/run/big.bin", o)
 
 
+def test_memoryviews_upload_with_the_crc32_botocore_would_send(
+    s3_server, s3_bucket, s3_client
+) -> None:
+    """The serializers return memoryviews; parts go up as views of them, with forge's CRC32."""
+    from botocore.httpchecksum import Crc32Checksum
+
+    from forge.checkpoint import s3
+
+    o = opts(s3_server)
+    big = memoryview(bytearray(os.urandom(11 * MiB + 3)))
+    small = memoryview(bytearray(os.urandom(1000)))
+    storage.write_bytes(f"{s3_bucket}/run/big.bin", big, o)
+    storage.write_bytes(f"{s3_bucket}/run/small.bin", small, o)
+    assert storage.read_bytes(f"{s3_bucket}/run/big.bin", o) == bytes(big)
+    assert storage.read_bytes(f"{s3_bucket}/run/small.bin", o) == bytes(small)
+    head = s3_client.head_object(Bucket=s3_bucket[5:], Key="run/small.bin", ChecksumMode="ENABLED")
+    botocore_crc = Crc32Checksum()
+    botocore_crc.update(bytes(small))
+    assert head["ChecksumCRC32"] == botocore_crc.b64digest() == s3._body(small)[1]
+    body, _ = s3._body(big[5:])
+    assert body.read(4) == bytes(big[5:9]) and body.seek(0, 2) == len(big) - 5
+
+
 def test_endpoint_from_the_aws_environment(s3_server, s3_bucket, monkeypatch) -> None:
     # storage.endpoint_url=null: botocore's own AWS_ENDPOINT_URL applies (configs/storage/s3.yaml)
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
