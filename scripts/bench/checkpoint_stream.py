@@ -31,6 +31,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -214,12 +215,16 @@ def main() -> int:
         server.renice(args.server_nice)
         blocked: list[float] = []
         busy, idle = [], []
+        busy_cpu, idle_cpu = [], []  # the training thread's CPU time: wall minus waiting
+        busy_runq, idle_runq = [], []  # ... and its time ready to run but without a core
         for step in range(1, every * args.repeats + every // 2 + 1):
             uploading = streamer.in_flight > 0  # serialization/upload running in background
-            t0 = time.perf_counter()
+            t0, c0, q0 = time.perf_counter(), time.thread_time(), runqueue_s()
             train_step()
             t1 = time.perf_counter()
             (busy if uploading else idle).append(t1 - t0)
+            (busy_cpu if uploading else idle_cpu).append(time.thread_time() - c0)
+            (busy_runq if uploading else idle_runq).append(runqueue_s() - q0)
             if step % every == 0:
                 with streamer.snapshot():  # what forge.loop does: reuse earlier buffers
                     files = snapshot()
@@ -280,6 +285,14 @@ def main() -> int:
         f"without {idle_med * 1e3:.1f} ms (median of {len(idle)})"
     )
     print(f"   ratio {ratios['busy']:.3f}   (target <= {TARGET_BUSY})")
+    waited = median([w - c for w, c in zip(busy, busy_cpu, strict=True)])
+    print(
+        f"   the training thread's CPU time per step: {median(busy_cpu) * 1e3:.1f} ms during "
+        f"upload / {median(idle_cpu) * 1e3:.1f} ms without, ratio "
+        f"{median(busy_cpu) / median(idle_cpu):.3f}; it waited "
+        f"{waited * 1e3:.1f} ms per step during upload "
+        f"({median(busy_runq) * 1e3:.1f} ms of it for a core, the rest mostly for the GIL)"
+    )
     print(
         f"3. upload throughput forge {forge_tp:.0f} MB/s ({fmt(forge_s)}) / "
         f"boto3 upload_file {boto_tp:.0f} MB/s ({fmt(boto_s)})"
@@ -330,6 +343,15 @@ def main() -> int:
     if not failed:
         print("guard passed")
     return 1 if failed else 0
+
+
+def runqueue_s() -> float:
+    """Seconds this thread has spent ready to run but waiting for a core (Linux; else 0)."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except OSError:
+        return 0.0
 
 
 def median(values: list[float]) -> float:
