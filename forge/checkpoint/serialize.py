@@ -75,8 +75,10 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> Buffer:
         [1.0, 1.0]
     """
     tensors = {name: tensor.detach() for name, tensor in tensors.items()}
-    if any(t.dtype not in _SAFETENSORS_DTYPES for t in tensors.values()):
-        return _library_save(tensors)
+    if any(
+        t.dtype not in _SAFETENSORS_DTYPES or t.layout != torch.strided for t in tensors.values()
+    ):
+        return _library_save(tensors)  # the library's own handling, or its own error
     order = sorted(tensors, key=lambda name: (_DTYPE_RANK[tensors[name].dtype], name))
     header: dict[str, Any] = {}
     offset = 0
