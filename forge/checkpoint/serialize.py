@@ -141,13 +141,17 @@ def object_to_bytes(obj: Any) -> Buffer:
 
 
 def _storage_bytes(obj: Any) -> int:
-    """The bytes of every distinct tensor storage in ``obj``: what ``torch.save`` will write."""
+    """The bytes of every distinct tensor storage in ``obj``: about what ``torch.save`` writes
+    (an estimate for the buffer's first size; the writer grows past it if needed)."""
     seen: dict[int, int] = {}
     stack = [obj]
     while stack:
         item = stack.pop()
         if isinstance(item, torch.Tensor):
-            storage = item.untyped_storage()
+            try:
+                storage = item.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # a wrapper subclass: no estimate
+                continue
             seen[storage.data_ptr()] = storage.nbytes() + 64  # records are 64-byte aligned
         elif isinstance(item, dict):
             stack.extend(item.values())
