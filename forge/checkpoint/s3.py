@@ -90,15 +90,17 @@ class _ViewBody(io.RawIOBase):
         return self._pos
 
 
-def _body(data: Buffer) -> tuple[Any, str]:
-    """A request body for ``data`` and its CRC32 (base64, as S3 takes it).
+def _body_args(data: Buffer) -> dict[str, Any]:
+    """The body of a PutObject or UploadPart request for ``data``, with its CRC32.
 
-    The CRC32 is computed here, over the memory itself (zlib releases the GIL for it), so that
-    botocore does not read the body once more to compute it.
+    The CRC32 (base64, as S3 takes it) is computed here, over the memory itself (zlib releases
+    the GIL for it), so that botocore does not read the body once more to compute it. Call once
+    per attempt: a retried request must not resume a consumed stream.
     """
     view = memoryview(data).cast("B")
     crc = base64.b64encode(zlib.crc32(view).to_bytes(4, "big")).decode()
-    return (data if isinstance(data, bytes) else _ViewBody(view)), crc
+    body = data if isinstance(data, bytes) else _ViewBody(view)
+    return {"Body": body, "ChecksumAlgorithm": "CRC32", "ChecksumCRC32": crc}
 
 
 def translate(exc: BaseException, uri: str) -> BaseException:
@@ -159,20 +161,13 @@ def put(
     condition = {"IfNoneMatch": "*"} if if_none_match else {}
     view = memoryview(data).cast("B")
     if len(view) <= part_size:
-
-        def put_whole() -> Any:
-            # A fresh body per attempt: a retried request must not resume a consumed stream.
-            body, crc = _body(data)
-            return client.put_object(
-                Bucket=bucket,
-                Key=key,
-                Body=body,
-                ChecksumAlgorithm="CRC32",
-                ChecksumCRC32=crc,
-                **condition,
-            )
-
-        call(policy, put_whole, "upload", uri, cancel)
+        call(
+            policy,
+            lambda: client.put_object(Bucket=bucket, Key=key, **_body_args(data), **condition),
+            "upload",
+            uri,
+            cancel,
+        )
         return
     upload_id = call(
         policy,
@@ -191,23 +186,15 @@ def put(
         if stop.is_set():
             raise Cancelled(uri)
         piece = view[offset : offset + part_size]
-
-        def attempt() -> Any:
-            # A fresh body per attempt: a retried request must not resume a consumed stream.
-            body, crc = _body(piece)
-            return client.upload_part(
+        out = call(
+            policy,
+            lambda: client.upload_part(
                 Bucket=bucket,
                 Key=key,
                 UploadId=upload_id,
                 PartNumber=number,
-                Body=body,
-                ChecksumAlgorithm="CRC32",
-                ChecksumCRC32=crc,
-            )
-
-        out = call(
-            policy,
-            attempt,
+                **_body_args(piece),
+            ),
             f"upload part {number} of",
             uri,
             stop,
