@@ -217,7 +217,7 @@ def main() -> int:
         blocked: list[float] = []
         busy, idle = [], []
         busy_cpu, idle_cpu = [], []  # the training thread's CPU time: wall minus waiting
-        busy_runq, idle_runq = [], []  # ... and its time ready to run but without a core
+        busy_runq = []  # ... and, during uploads, its time ready to run but without a core
         # A full interval after the last checkpoint as well: waiting for its upload at the end
         # of the run (finish) is end-of-run time, reported on its own, not a checkpoint's.
         for step in range(1, every * (args.repeats + 1)):
@@ -227,7 +227,8 @@ def main() -> int:
             t1 = time.perf_counter()
             (busy if uploading else idle).append(t1 - t0)
             (busy_cpu if uploading else idle_cpu).append(time.thread_time() - c0)
-            (busy_runq if uploading else idle_runq).append(runqueue_s() - q0)
+            if uploading:
+                busy_runq.append(runqueue_s() - q0)
             if step % every == 0:
                 with streamer.snapshot():  # what forge.loop does: reuse earlier buffers
                     files = snapshot()
