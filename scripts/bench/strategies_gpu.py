@@ -49,6 +49,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 H100_BF16_PEAK_TFLOPS = 989.5
 TARGETS = {"ddp_vs_bare": 0.98, "mfu": 0.45, "zero3_vs_ddp": 0.9}
 SIDES = ["bare", "ddp", "deepspeed_zero2", "deepspeed_zero3"]
+LOG_EVERY = 10  # host reads of the loss, both sides
+PROFILE_STEPS = 8
 
 
 # --smoke: a model small enough for a CPU, as recipe.params overrides.
@@ -69,8 +71,21 @@ def shape(smoke: bool) -> tuple[Any, int, float]:
     return params, n, flops_per_token(params, n)
 
 
-def run_bare(steps: int, warmup: int, batch_size: int, compile_model: bool, smoke: bool) -> float:
-    """Median seconds per optimizer step of a plain single-GPU loop."""
+def run_bare(
+    steps: int,
+    warmup: int,
+    batch_size: int,
+    compile_model: bool,
+    smoke: bool,
+    profile_out: Path | None = None,
+) -> float:
+    """Median seconds per optimizer step of a plain single-GPU loop.
+
+    The loss is read on the host every ``LOG_EVERY`` steps, as forge's loop reads it at its log
+    steps (``trainer.log_every_n_steps=10`` on the forge side): no side pays a sync per step.
+    With ``profile_out``, ``PROFILE_STEPS`` more steps run under ``torch.profiler`` and a
+    summary of where their time went is printed and written there.
+    """
     import torch
     from torch.utils.data import DataLoader
 
@@ -88,25 +103,81 @@ def run_bare(steps: int, warmup: int, batch_size: int, compile_model: bool, smok
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=not smoke
     )
+
+    def batches():
+        while True:
+            yield from loader
+
+    def step(x: Any, y: Any, index: int) -> None:
+        batch = (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = loss_fn(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if index % LOG_EVERY == 0:
+            loss.item()  # the host reads the loss at log steps, as forge does
+
+    source = batches()
     ends: list[float] = []
-    while len(ends) < steps:
-        for x, y in loader:
-            batch = (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss = loss_fn(model, batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss.item()  # forge logs the loss too: the same host sync per step
-            ends.append(time.perf_counter())
-            if len(ends) >= steps:
-                break
+    for index, (x, y) in zip(range(1, steps + 1), source, strict=False):
+        step(x, y, index)
+        ends.append(time.perf_counter())
     deltas = [b - a for a, b in zip(ends, ends[1:], strict=False)][warmup:]
-    del model, optimizer
+    if profile_out is not None:
+        median = statistics.median(deltas)
+        profile_steps(lambda i: step(*next(source), i), device, profile_out, median)
+    return statistics.median(deltas)  # the model is freed with this frame
+
+
+def profile_steps(step: Any, device: Any, out: Path, step_s: float) -> None:
+    """Run ``PROFILE_STEPS`` steps under torch.profiler; print and save where the time went.
+
+    Printed: GPU busy time per step (kernels and copies) against the wall time per step (the
+    rest is host gaps, the GPU idle waiting for work), the optimizer's share, and the top
+    kernels by GPU time. ``out`` gets the profiler's full table.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return statistics.median(deltas)
+        activities.append(ProfilerActivity.CUDA)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for i in range(PROFILE_STEPS):
+            step(i + 1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / PROFILE_STEPS
+    events = prof.key_averages()
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(events.table(sort_by=sort, row_limit=60, max_name_column_width=90))
+    kernels = [e for e in events if getattr(e, "self_device_time_total", 0) > 0]
+    busy_us = sum(e.self_device_time_total for e in kernels) / PROFILE_STEPS
+    optim_us = (
+        sum(
+            e.self_device_time_total
+            for e in kernels
+            if "adam" in e.key.lower() or "foreach" in e.key.lower() or "norm" in e.key.lower()
+        )
+        / PROFILE_STEPS
+    )
+    print(
+        f"profile of {PROFILE_STEPS} bare steps: wall {wall * 1e3:.1f} ms/step (timed median "
+        f"{step_s * 1e3:.1f}); GPU busy {busy_us / 1e3:.1f} ms/step "
+        f"({busy_us / 1e6 / wall:.0%} of wall; the rest is host gaps); optimizer + clip "
+        f"kernels {optim_us / 1e3:.1f} ms/step; full table: {out}",
+        flush=True,
+    )
+    top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:10]
+    for e in top:
+        share = e.self_device_time_total / PROFILE_STEPS / max(busy_us, 1e-9)
+        print(f"  {share:6.1%}  {e.key[:100]}", flush=True)
 
 
 def forge_overrides(
@@ -120,7 +191,7 @@ def forge_overrides(
         f"data.batch_size={batch_size}",
         f"trainer.max_steps={steps}",
         f"trainer.compile={str(compile_model).lower()}",
-        "trainer.log_every_n_steps=10",
+        f"trainer.log_every_n_steps={LOG_EVERY}",
         "checkpoint.every_n_steps=0",
         "trainer.val_every_n_steps=0",
     ]
@@ -159,6 +230,18 @@ def main() -> int:
         default=True,
         help="torch.compile every block, on both sides (default: on)",
     )
+    parser.add_argument(
+        "--extra-batch-size",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also run bare and forge ddp at these batch sizes (the MFU lever)",
+    )
+    parser.add_argument(
+        "--profile-out",
+        type=Path,
+        help=f"profile {PROFILE_STEPS} more bare steps; print a summary, write the table here",
+    )
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, a few steps")
     args = parser.parse_args()
     if args.smoke:
@@ -185,53 +268,74 @@ def main() -> int:
         flush=True,
     )
 
-    step_s: dict[str, float] = {}
-    if "bare" in args.only:
-        step_s["bare"] = run_bare(
-            args.steps, args.warmup, args.batch_size, args.compile, args.smoke
+    # (side, batch size) -> seconds per step; a side that fails is reported and skipped, so
+    # one broken strategy does not cost the GPU session the others' numbers.
+    step_s: dict[tuple[str, int], float] = {}
+    failed: list[str] = []
+    runs = [(side, args.batch_size) for side in args.only]
+    for extra in args.extra_batch_size:
+        runs += [(side, extra) for side in ("bare", "ddp")]
+    for batch in dict.fromkeys(b for _, b in runs):
+        if ("bare", batch) not in runs:
+            continue
+        profile_out = args.profile_out if batch == args.batch_size else None
+        step_s[("bare", batch)] = run_bare(
+            args.steps, args.warmup, batch, args.compile, args.smoke, profile_out
         )
-        print(f"bare: {step_s['bare'] * 1e3:.1f} ms/step", flush=True)
-    forge_sides = [s for s in args.only if s != "bare"]
-    if forge_sides:
+        print(f"bare, batch {batch}: {step_s[('bare', batch)] * 1e3:.1f} ms/step", flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    forge_runs = [(side, batch) for side, batch in runs if side != "bare"]
+    if forge_runs:
         import ray
 
         ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
         address = ray.get_runtime_context().gcs_address
         with tempfile.TemporaryDirectory(prefix="forge-bench-") as storage:
-            for strategy in forge_sides:
-                overrides = forge_overrides(
-                    strategy, args.steps, args.batch_size, args.compile, args.smoke
-                )
-                step_s[strategy] = run_forge(overrides, address, storage + "/" + strategy)
-                print(f"forge {strategy}: {step_s[strategy] * 1e3:.1f} ms/step", flush=True)
+            for strategy, batch in forge_runs:
+                overrides = forge_overrides(strategy, args.steps, batch, args.compile, args.smoke)
+                label = f"forge {strategy}, batch {batch}"
+                try:
+                    seconds = run_forge(overrides, address, f"{storage}/{strategy}-{batch}")
+                except Exception as exc:  # reported; the other sides still run
+                    failed.append(f"{label}: {type(exc).__name__}: {exc}")
+                    print(f"{label}: FAILED ({type(exc).__name__}: {exc})", flush=True)
+                    continue
+                step_s[(strategy, batch)] = seconds
+                print(f"{label}: {seconds * 1e3:.1f} ms/step", flush=True)
         ray.shutdown()
 
     peak = args.peak_tflops * 1e12
-    print(f"\n{'run':<22}{'ms/step':>10}{'tokens/s':>12}{'MFU':>8}")
-    tps = {}
-    for side, seconds in step_s.items():
-        tps[side] = tokens_per_step / seconds
-        mfu = tps[side] * flops / peak
+    print(f"\n{'run':<24}{'batch':>6}{'ms/step':>10}{'tokens/s':>12}{'MFU':>8}")
+    tps: dict[tuple[str, int], float] = {}
+    for (side, batch), seconds in step_s.items():
+        tps[(side, batch)] = batch * params.block_size / seconds  # type: ignore[attr-defined]
+        mfu = tps[(side, batch)] * flops / peak
         label = side if side == "bare" else f"forge {side}"
-        print(f"{label:<22}{seconds * 1e3:>10.1f}{tps[side]:>12,.0f}{mfu:>8.1%}")
+        print(f"{label:<24}{batch:>6}{seconds * 1e3:>10.1f}{tps[(side, batch)]:>12,.0f}{mfu:>8.1%}")
     print()
     checks = []
-    if "bare" in tps and "ddp" in tps:
-        checks.append(("forge ddp / bare", tps["ddp"] / tps["bare"], TARGETS["ddp_vs_bare"]))
-    if "ddp" in tps:
-        checks.append(("forge ddp MFU", tps["ddp"] * flops / peak, TARGETS["mfu"]))
-    if "ddp" in tps and "deepspeed_zero3" in tps:
-        ratio = tps["deepspeed_zero3"] / tps["ddp"]
-        checks.append(("forge zero3 / forge ddp", ratio, TARGETS["zero3_vs_ddp"]))
-    if "ddp" in tps and "deepspeed_zero2" in tps:
-        print(f"forge zero2 / forge ddp: {tps['deepspeed_zero2'] / tps['ddp']:.3f} (no target)")
+    for batch in dict.fromkeys(b for _, b in tps):
+        ddp, bare = tps.get(("ddp", batch)), tps.get(("bare", batch))
+        zero2, zero3 = tps.get(("deepspeed_zero2", batch)), tps.get(("deepspeed_zero3", batch))
+        at = f" (batch {batch})"
+        if ddp and bare:
+            checks.append(("forge ddp / bare" + at, ddp / bare, TARGETS["ddp_vs_bare"]))
+        if ddp:
+            checks.append(("forge ddp MFU" + at, ddp * flops / peak, TARGETS["mfu"]))
+        if ddp and zero3:
+            checks.append(("forge zero3 / forge ddp" + at, zero3 / ddp, TARGETS["zero3_vs_ddp"]))
+        if ddp and zero2:
+            print(f"forge zero2 / forge ddp{at}: {zero2 / ddp:.3f} (no target)")
+    for line in failed:
+        print("FAILED", line)
     if args.smoke:
         print("smoke run: the script works end to end; its numbers are not measurements")
-        return 0
+        return 1 if failed else 0
     for label, value, target in checks:
         verdict = "ok" if value >= target else "BELOW TARGET"
         print(f"{label}: {value:.3f} (target >= {target}) {verdict}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

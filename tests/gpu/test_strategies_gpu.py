@@ -27,13 +27,16 @@ GPUS = max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_zero2", "deepspeed_zero3"])
-def test_lightning_recipe_under_fsdp_and_deepspeed(tmp_path: Path, quiet_console, strategy) -> None:
+def test_lightning_recipe_under_fsdp_and_deepspeed(
+    tmp_path: Path, quiet_console, gpu_ray, strategy
+) -> None:
     base = [
         "experiment=lightning_digits",
         f"strategy={strategy}",
         "scaling=gpu",
         f"scaling.num_workers={GPUS}",
         f"storage.uri={tmp_path}",
+        f"ray.address={gpu_ray}",
         "run_name=lightning-gpu",
         "checkpoint.every_n_steps=5",
         "trainer.val_every_n_steps=5",
@@ -49,7 +52,7 @@ def test_lightning_recipe_under_fsdp_and_deepspeed(tmp_path: Path, quiet_console
 @pytest.mark.parametrize(
     "strategy", ["ddp", "fsdp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3"]
 )
-def test_bf16_on_every_loop_strategy(tmp_path: Path, quiet_console, strategy) -> None:
+def test_bf16_on_every_loop_strategy(tmp_path: Path, quiet_console, gpu_ray, strategy) -> None:
     result = forge.train(
         [
             "experiment=tinylm",
@@ -60,6 +63,7 @@ def test_bf16_on_every_loop_strategy(tmp_path: Path, quiet_console, strategy) ->
             "trainer.max_steps=20",
             "recipe.params.max_files=5",
             f"storage.uri={tmp_path}",
+            f"ray.address={gpu_ray}",
         ],
         console=quiet_console,
     )
@@ -67,7 +71,7 @@ def test_bf16_on_every_loop_strategy(tmp_path: Path, quiet_console, strategy) ->
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_zero2"])
-def test_fp16_with_loss_scaling(tmp_path: Path, quiet_console, strategy) -> None:
+def test_fp16_with_loss_scaling(tmp_path: Path, quiet_console, gpu_ray, strategy) -> None:
     """fp16 trains (GradScaler / ShardedGradScaler / DeepSpeed's scaler) and keeps its scale."""
     result = forge.train(
         [
@@ -80,6 +84,7 @@ def test_fp16_with_loss_scaling(tmp_path: Path, quiet_console, strategy) -> None
             "checkpoint.every_n_steps=10",
             "recipe.params.max_files=5",
             f"storage.uri={tmp_path}",
+            f"ray.address={gpu_ray}",
         ],
         console=quiet_console,
     )
@@ -88,13 +93,16 @@ def test_fp16_with_loss_scaling(tmp_path: Path, quiet_console, strategy) -> None
         assert Path(result.last_checkpoint, "grad_scaler.json").is_file()
 
 
-def test_lightning_deepspeed_checkpoint_resumes_under_another_stage(tmp_path: Path, quiet_console):
+def test_lightning_deepspeed_checkpoint_resumes_under_another_stage(
+    tmp_path: Path, quiet_console, gpu_ray
+) -> None:
     """Lightning + ZeRO-2 checkpoint, resumed by Lightning + ZeRO-3 (forge's fragments reshard)."""
     base = [
         "experiment=lightning_digits",
         "scaling=gpu",
         f"scaling.num_workers={GPUS}",
         f"storage.uri={tmp_path}",
+        f"ray.address={gpu_ray}",
         "run_name=lightning-ds-restage",
         "checkpoint.every_n_steps=5",
     ]

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# forge's GPU acceptance run, as one command for a one-GPU H100/H200 machine with no network
+# (../shared/gpu/README.md): the strategies benchmark, the GPU tests and the GPT-2 experiment.
+#
+#   bash scripts/gpu_bundle.sh                # here, once: .gpu-bundle/ (Ray, DeepSpeed, ...)
+#   bash scripts/gpu_acceptance.sh            # there, from the repo root, bundle carried along
+#
+# Every stage has its own time limit, so one that hangs cannot take the others' time, and
+# every stage's log is written under $OUT (or /tmp/forge-gpu) as it runs. Stages:
+#   1. scripts/bench/strategies_gpu.py: bare loop vs forge DDP / ZeRO-2 / ZeRO-3, batch 16
+#      (T=1024, bf16, compiled), then bare and DDP at batch 32; a profile of the bare loop.
+#   2. pytest -m gpu tests/gpu: Lightning FSDP/DeepSpeed train and resume, bf16 everywhere,
+#      fp16 with loss scaling on DDP, FSDP and ZeRO-2; at the same time, stage 3:
+#   3. python -m forge experiment=tinylm_gpt2_gpu trainer.max_steps=50 (the CLI, end to end).
+# Exits non-zero if any stage failed; the summary at the end says which.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/forge-gpu}
+mkdir -p "$out"
+# shellcheck disable=SC1091
+source .gpu-bundle/activate
+export PYTHONUNBUFFERED=1
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/device.txt"
+python3 -c 'import torch, ray, deepspeed, pytorch_lightning as pl
+print("torch", torch.__version__, "cuda", torch.version.cuda, "| ray", ray.__version__,
+      "| deepspeed", deepspeed.__version__, "| lightning", pl.__version__)' 2>&1 | tee -a "$out/device.txt"
+
+stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to $out/NAME.log
+  local name=$1 limit=$2 began=$SECONDS rc
+  shift 2
+  timeout -k 10 "$limit" "$@" 2>&1 | tee "$out/$name.log"
+  rc=${PIPESTATUS[0]}
+  echo "$name: rc=$rc in $((SECONDS - began)) s" | tee -a "$out/status.txt"
+}
+: > "$out/status.txt"
+
+stage bench 270 python3 scripts/bench/strategies_gpu.py --steps 80 --extra-batch-size 32 \
+  --profile-out "$out/profile_bare.txt"
+# The CLI run measures nothing, so it shares the GPU with the tests (it has its own Ray).
+stage cli 150 python3 -m forge experiment=tinylm_gpt2_gpu trainer.max_steps=50 \
+  storage.uri=/tmp/forge-gpu-cli > /dev/null &
+stage pytest 220 python3 -m pytest -m gpu tests/gpu -v -o timeout=150 -p no:cacheprovider
+wait
+echo "summary:"
+cat "$out/status.txt"
+if grep -qv "rc=0 " "$out/status.txt"; then  # the Ray workers' stderr, for the failures
+  find /tmp/ray -path '*/logs/*' \( -name 'worker-*.err' -o -name 'raylet.err' \) -size +0 \
+    -print0 2>/dev/null | tar czf "$out/ray-errors.tgz" --null -T - 2>/dev/null
+  exit 1
+fi
