@@ -1,10 +1,11 @@
-"""The Lightning path: an unchanged LightningModule, trained by Lightning under Ray's strategies.
+"""The Lightning path: an unchanged LightningModule, trained by Lightning on Ray Train workers.
 
 :mod:`forge.worker` calls :func:`run_lightning` on every Ray Train worker when
 ``recipe.kind == "lightning"``. It maps forge's config onto a ``pl.Trainer`` (the Ray Train
-pattern: ``RayDDPStrategy`` - or FSDP/DeepSpeed, see :mod:`forge.strategies.lightning` - +
-``RayLightningEnvironment`` + ``prepare_trainer``) and keeps forge's own guarantees around it,
-exactly as :mod:`forge.loop` does for forge-loop recipes:
+pattern: a strategy and a cluster environment that take ranks and devices from Ray Train, kept
+in :mod:`forge.strategies.lightning_ray`; the ``strategy=`` mapping is in
+:mod:`forge.strategies.lightning`) and keeps forge's own guarantees around it, exactly as
+:mod:`forge.loop` does for forge-loop recipes:
 
 * **Checkpoints** are forge checkpoints (``CheckpointStore``: per-rank files, a manifest as the
   commit, retention), never Lightning ``.ckpt`` files. Lightning still decides *what* its
@@ -505,12 +506,12 @@ def make_trainer(
 ) -> pl.Trainer:
     """forge's config as a ``pl.Trainer`` under the Ray Lightning strategy ``strategy=`` names
     (:func:`forge.strategies.lightning.make_lightning_strategy`)."""
-    from ray.train.lightning import RayLightningEnvironment, prepare_trainer
+    from forge.strategies.lightning_ray import RayTrainEnvironment
 
     t = spec.trainer
     trainer = pl.Trainer(
         strategy=make_lightning_strategy(spec, module if module is not None else torch.nn.Module()),
-        plugins=[RayLightningEnvironment(), io],
+        plugins=[RayTrainEnvironment(), io],
         accelerator="gpu" if spec.scaling.use_gpu else "cpu",
         devices="auto",
         precision=PRECISION[t.precision],  # type: ignore[arg-type]
@@ -534,7 +535,6 @@ def make_trainer(
         enable_model_summary=False,
         default_root_dir=root_dir,
     )
-    trainer = prepare_trainer(trainer)
     make_exact(trainer, callback.schedule)
     return trainer
 

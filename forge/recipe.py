@@ -8,7 +8,7 @@ optimizer, checkpoints, logging. Two kinds are first-class:
   ``build(params) -> forge.Recipe``. forge's own training loop runs it under any strategy.
 * **Lightning** (``kind: lightning``): the module defines ``Params`` and
   ``build_lightning(params) -> (LightningModule, LightningDataModule | None)``; an existing
-  LightningModule is brought unchanged and run by Lightning under Ray's Lightning strategies.
+  LightningModule is brought unchanged and run by Lightning on Ray Train workers.
 
 Modules are found by import path (``recipe.module=recipes.digits``) or by file
 (``recipe.module=/abs/path/my_recipe.py``). A file travels to the other nodes of a cluster in

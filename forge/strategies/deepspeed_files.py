@@ -1,7 +1,8 @@
 """Lightning's DeepSpeed strategy with checkpoints in forge's sharded format.
 
 With ``strategy=deepspeed_*`` a Lightning recipe runs under :class:`ForgeDeepSpeedStrategy`
-(what ``make_lightning_strategy`` returns), a ``RayDeepSpeedStrategy`` whose checkpoints are
+(what ``make_lightning_strategy`` returns), a Lightning ``DeepSpeedStrategy`` on a Ray Train
+worker whose checkpoints are
 those of the forge loop's DeepSpeed strategy, not DeepSpeed's own pickled files:
 
 * **Save** (``Trainer.save_checkpoint(CAPTURE_PATH)``, on every rank): each rank takes the fp32
@@ -25,7 +26,7 @@ those of the forge loop's DeepSpeed strategy, not DeepSpeed's own pickled files:
 to any other path (a recipe's own ``ModelCheckpoint``) is Lightning's usual DeepSpeed folder,
 which forge neither stores nor loads.
 
-The module imports DeepSpeed and Ray's Lightning strategies, so import it only for
+The module imports DeepSpeed and Lightning's DeepSpeed strategy, so import it only for
 ``deepspeed_*``.
 """
 
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray.train.lightning import RayDeepSpeedStrategy
+import pytorch_lightning as pl
 
 from forge.checkpoint.store import CommittedCheckpoint
 from forge.errors import CheckpointError
@@ -47,6 +48,7 @@ from forge.strategies.lightning import (
     read_lightning_state,
     without_hyper_parameters,
 )
+from forge.strategies.lightning_ray import FromRayTrain
 
 # Engine counters, saved and restored as they are rather than derived from the step (as the
 # forge loop does): that needs neither Lightning's accumulation nor the batch size, keeps the
@@ -54,12 +56,13 @@ from forge.strategies.lightning import (
 ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
 
 
-class ForgeDeepSpeedStrategy(RayDeepSpeedStrategy):
-    """``RayDeepSpeedStrategy`` whose checkpoints are forge's sharded fragments.
+class ForgeDeepSpeedStrategy(FromRayTrain, pl.strategies.DeepSpeedStrategy):
+    """Lightning's ``DeepSpeedStrategy`` on a Ray Train worker, whose checkpoints are forge's
+    sharded fragments.
 
     Example:
-        >>> type(ForgeDeepSpeedStrategy(stage=2)).__mro__[1].__name__
-        'RayDeepSpeedStrategy'
+        >>> isinstance(ForgeDeepSpeedStrategy(stage=2), pl.strategies.DeepSpeedStrategy)
+        True
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -1,14 +1,16 @@
-"""The same ``strategy=`` names for Lightning recipes, mapped onto Ray's Lightning strategies.
+"""The same ``strategy=`` names for Lightning recipes, mapped onto Lightning strategies that
+run on Ray Train workers (:mod:`forge.strategies.lightning_ray`, not ``ray.train.lightning``,
+whose classes belong to ``lightning.pytorch`` whenever that package is installed).
 
 =====================  =====================================================================
-``strategy=``          Lightning strategy (``ray.train.lightning``)
+``strategy=``          Lightning strategy
 =====================  =====================================================================
-``ddp``                ``RayDDPStrategy`` (bucket size, unused parameters, bucket views)
-``fsdp``               ``RayFSDPStrategy``: ``FULL_SHARD``/``SHARD_GRAD_OP``, a unit per block,
-                       ``state_dict_type="full"`` so checkpoints reach forge as one dict
+``ddp``                ``RayTrainDDPStrategy`` (bucket size, unused parameters, bucket views)
+``fsdp``               ``RayTrainFSDPStrategy``: ``FULL_SHARD``/``SHARD_GRAD_OP``, a unit per
+                       block, ``state_dict_type="full"`` so checkpoints reach forge as one dict
 ``deepspeed_zero1-3``  ``ForgeDeepSpeedStrategy(stage=...)`` with the offload options, a
-                       ``RayDeepSpeedStrategy`` whose checkpoints are forge's sharded format
-                       (:mod:`forge.strategies.deepspeed_files`)
+                       Lightning ``DeepSpeedStrategy`` whose checkpoints are forge's sharded
+                       format (:mod:`forge.strategies.deepspeed_files`)
 =====================  =====================================================================
 
 Lightning's FSDP and DeepSpeed strategies refuse the CPU accelerator, so the config check
@@ -55,27 +57,27 @@ CAPTURE_PATH = "forge-capture://checkpoint"
 
 
 def make_lightning_strategy(spec: RunSpec, module: nn.Module) -> Any:
-    """The Ray Lightning strategy for ``strategy.name``.
+    """The Lightning strategy for ``strategy.name``, on this Ray Train worker.
 
     Example:
         >>> from forge.config.specs import RecipeSpec
         >>> spec = RunSpec(recipe=RecipeSpec(name="x", module="recipes.lightning_digits",
         ...                                  kind="lightning"))
-        >>> type(make_lightning_strategy(spec, nn.Linear(2, 2))).__name__  # doctest: +SKIP
-        'RayDDPStrategy'
+        >>> type(make_lightning_strategy(spec, nn.Linear(2, 2))).__name__
+        'RayTrainDDPStrategy'
     """
-    from ray.train.lightning import RayDDPStrategy, RayFSDPStrategy
+    from forge.strategies.lightning_ray import RayTrainDDPStrategy, RayTrainFSDPStrategy
 
     strategy = spec.strategy
     if strategy.name == "ddp":
-        return RayDDPStrategy(
+        return RayTrainDDPStrategy(
             bucket_cap_mb=strategy.bucket_cap_mb,
             find_unused_parameters=strategy.find_unused_parameters,
             gradient_as_bucket_view=strategy.gradient_as_bucket_view,
         )
     if strategy.name == "fsdp":
         blocks = {type(b) for b in find_blocks(module, strategy.block_classes)}
-        return RayFSDPStrategy(
+        return RayTrainFSDPStrategy(
             sharding_strategy={"full_shard": "FULL_SHARD"}.get(strategy.sharding, "SHARD_GRAD_OP"),
             auto_wrap_policy=blocks or None,
             state_dict_type="full",

@@ -159,16 +159,18 @@ def test_deepspeed_config_maps_forge_keys() -> None:
 
 
 def test_lightning_strategy_mapping() -> None:
-    from ray.train.lightning import RayDDPStrategy, RayDeepSpeedStrategy, RayFSDPStrategy
+    """Every strategy is a pytorch_lightning one (the Trainer forge builds refuses others)."""
+    import pytorch_lightning as pl
 
     from forge.strategies.lightning import deepspeed_kwargs, make_lightning_strategy
     from recipes.lightning_digits import DigitsModule
 
     module = DigitsModule()
     lightning = ("experiment=lightning_digits", "scaling=gpu")
-    assert isinstance(make_lightning_strategy(spec(*lightning), module), RayDDPStrategy)
+    ddp = make_lightning_strategy(spec(*lightning), module)
+    assert isinstance(ddp, pl.strategies.DDPStrategy)
     fsdp = make_lightning_strategy(spec(*lightning, "strategy=fsdp"), module)
-    assert isinstance(fsdp, RayFSDPStrategy)
+    assert isinstance(fsdp, pl.strategies.FSDPStrategy)
     assert fsdp._state_dict_type == "full"  # checkpoints reach forge as one dict
     ds_spec = spec(*lightning, "strategy=deepspeed_zero3_offload")
     assert deepspeed_kwargs(ds_spec) == {
@@ -178,7 +180,8 @@ def test_lightning_strategy_mapping() -> None:
         "offload_optimizer_device": "cpu",
         "offload_params_device": "cpu",
     }
-    assert isinstance(make_lightning_strategy(ds_spec, module), RayDeepSpeedStrategy)
+    deepspeed = make_lightning_strategy(ds_spec, module)
+    assert isinstance(deepspeed, pl.strategies.DeepSpeedStrategy)
 
 
 # --------------------------------------------------------------------------------------------
