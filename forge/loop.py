@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from forge.checkpoint import storage
 from forge.checkpoint.serialize import bytes_to_tensors, tensors_to_bytes
 from forge.checkpoint.storage import StorageOptions
 from forge.checkpoint.store import CheckpointStore, CommittedCheckpoint, open_checkpoint
@@ -35,6 +36,7 @@ from forge.loader import batch_len, eval_batches, to_device, train_loader
 from forge.nonfinite import NonFiniteGuard
 from forge.optim import make_optimizer, make_scheduler
 from forge.precision import autocast
+from forge.profiling import PROFILE_DIR, StepProfiler
 from forge.recipe import Recipe, build_params, import_recipe_module
 from forge.strategies import make_strategy
 from forge.strategies.memory import memory_events, peak_event, peak_memory
@@ -363,6 +365,16 @@ def _run_loop(
     start_step = state.step
     last_ckpt_step = state.step if ckpt is not None else -1
     first_step_at: float | None = None
+    profiler = StepProfiler(
+        trainer.profile_steps if is_main else None,
+        ctx.device,
+        lambda name, data: storage.write_bytes(
+            storage.join(plan.run_uri, PROFILE_DIR, name), data, store.options
+        ),
+        start_step=state.step,
+    )
+    if state.step == profiler.edge:
+        profiler.at_step(state.step)
     tick = time.perf_counter()
     model.train()
 
@@ -422,6 +434,8 @@ def _run_loop(
             scheduler.step()
             state.step += 1
 
+            if state.step == profiler.edge:  # trainer.profile_steps (an int compare when off)
+                profiler.at_step(state.step)
             now = time.perf_counter()
             step_times.append(now - tick)
             tick = now
@@ -465,6 +479,7 @@ def _run_loop(
                 streamer.finish()  # Tune's report carries this step's committed checkpoint
                 ctx.wait_for_report(state.step)
 
+    profiler.close(state.step)  # a window cut short by the end of training
     log_pending_train_rows()
     if ckpt is not None and state.step == start_step:
         # Nothing left to train (a finished run started again): report its last checkpoint's

@@ -7,11 +7,16 @@
 #
 # Every stage has its own time limit, so one that hangs cannot take the others' time, and
 # every stage's log is written under $OUT (or /tmp/forge-gpu) as it runs. Stages:
-#   1. scripts/bench/strategies_gpu.py: bare loop vs forge DDP / ZeRO-2 / ZeRO-3, batch 16
-#      (T=1024, bf16, compiled), then bare and DDP at batch 32; a profile of the bare loop.
-#   2. pytest -m gpu tests/gpu: Lightning FSDP/DeepSpeed train and resume, bf16 everywhere,
-#      fp16 with loss scaling on DDP, FSDP and ZeRO-2; at the same time, stage 3:
-#   3. python -m forge experiment=tinylm_gpt2_gpu trainer.max_steps=50 (the CLI, end to end).
+#   bench   scripts/bench/strategies_gpu.py: bare loop vs forge DDP / ZeRO-2 / ZeRO-3, batch 16
+#           (T=1024, bf16, compiled), then bare and DDP at batch 32; every side profiled over
+#           steps 12-19 (inside the warm-up), tables in $OUT/profiles.tgz.
+#   pytest  pytest -m gpu tests/gpu, 4 at a time (each xdist worker starts its own Ray):
+#           Lightning FSDP/DeepSpeed train and resume, bf16 everywhere, fp16 with loss scaling
+#           on DDP, FSDP and ZeRO-2.
+#   cli     python -m forge experiment=tinylm_gpt2_gpu trainer.max_steps=50 (end to end).
+# A shorter run for a session with little device time left, e.g.:
+#   STAGES="bench pytest" BENCH_ARGS="--only bare ddp --steps 40" PYTEST_ARGS="-n 4 -k fp16" \
+#     BENCH_S=120 PYTEST_S=120 bash scripts/gpu_acceptance.sh
 # Exits non-zero if any stage failed; the summary at the end says which.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,14 +39,25 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to $out/N
   echo "$name: rc=$rc in $((SECONDS - began)) s" | tee -a "$out/status.txt"
 }
 : > "$out/status.txt"
+profiles=$(mktemp -d /tmp/forge-gpu-profiles.XXXX)  # one tarball back: $OUT takes 8 files
 
-stage bench 270 python3 scripts/bench/strategies_gpu.py --steps 80 --extra-batch-size 32 \
-  --profile-out "$out/profile_bare.txt"
-# The CLI run measures nothing, so it shares the GPU with the tests (it has its own Ray).
-stage cli 150 python3 -m forge experiment=tinylm_gpt2_gpu trainer.max_steps=50 \
-  storage.uri=/tmp/forge-gpu-cli > /dev/null &
-stage pytest 220 python3 -m pytest -m gpu tests/gpu -v -o timeout=150 -p no:cacheprovider
-wait
+for name in ${STAGES:-bench pytest cli}; do
+  case $name in
+    bench)
+      # shellcheck disable=SC2086
+      stage bench "${BENCH_S:-300}" python3 scripts/bench/strategies_gpu.py \
+        ${BENCH_ARGS:---steps 80 --extra-batch-size 32} --profile-dir "$profiles" ;;
+    pytest)
+      # shellcheck disable=SC2086
+      stage pytest "${PYTEST_S:-240}" python3 -m pytest -m gpu tests/gpu -v -o timeout=200 \
+        -p no:cacheprovider ${PYTEST_ARGS:--n 4} ;;
+    cli)
+      stage cli "${CLI_S:-150}" python3 -m forge experiment=tinylm_gpt2_gpu \
+        trainer.max_steps=50 storage.uri=/tmp/forge-gpu-cli ;;
+    *) echo "unknown stage $name (bench, pytest, cli)"; exit 2 ;;
+  esac
+done
+[ -n "$(ls -A "$profiles")" ] && tar czf "$out/profiles.tgz" -C "$profiles" .
 echo "summary:"
 cat "$out/status.txt"
 if grep -qv "rc=0 " "$out/status.txt"; then  # the Ray workers' stderr, for the failures

@@ -300,6 +300,11 @@ class TrainerSpec(Spec):
         "fail",
         description="a NaN/inf loss or gradient: fail (stop, naming the step) or skip the step",
     )
+    profile_steps: tuple[PositiveInt, PositiveInt] | None = Field(
+        None,
+        description="[first, last] optimizer steps to run under torch.profiler on rank 0 (forge "
+        "loop); summary, table and trace go to the run folder's profile/",
+    )
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -315,6 +320,14 @@ class TrainerSpec(Spec):
                 "trainer.max_steps and trainer.max_epochs are both null, so training would never "
                 "stop. Set one of them, e.g. trainer.max_steps=300"
             )
+        if self.profile_steps is not None:
+            first, last = self.profile_steps
+            if first > last or (self.max_steps is not None and last > self.max_steps):
+                raise ValueError(
+                    f"trainer.profile_steps=[{first},{last}] is not a window of optimizer steps "
+                    f"within trainer.max_steps={self.max_steps}: give [first,last] with "
+                    "1 <= first <= last <= max_steps, e.g. trainer.profile_steps=[30,37]"
+                )
         return self
 
 
@@ -502,6 +515,12 @@ class RunSpec(Spec):
                         f"{key}=true applies to forge-loop recipes; recipe.kind=lightning "
                         "leaves the model to the LightningModule (compile or checkpoint there)"
                     )
+            if self.trainer.profile_steps is not None:
+                raise ValueError(
+                    "trainer.profile_steps applies to forge-loop recipes; for recipe.kind="
+                    "lightning profile inside the LightningModule (torch.profiler), or remove "
+                    "trainer.profile_steps"
+                )
         if strategy.train_batch_size is not None:
             per_step = self.scaling.num_workers * self.trainer.accumulate_grad_batches
             expected = self.data.batch_size * per_step

@@ -35,6 +35,7 @@ nothing); it exists so the script itself is checked without a GPU
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
@@ -50,7 +51,8 @@ H100_BF16_PEAK_TFLOPS = 989.5
 TARGETS = {"ddp_vs_bare": 0.98, "mfu": 0.45, "zero3_vs_ddp": 0.9}
 SIDES = ["bare", "ddp", "deepspeed_zero2", "deepspeed_zero3"]
 LOG_EVERY = 10  # host reads of the loss, both sides
-PROFILE_STEPS = 8
+# Profiled steps (--profile-dir), on both sides: inside the warm-up, so no timed step is slowed.
+PROFILE_WINDOW = (12, 19)
 
 
 # --smoke: a model small enough for a CPU, as recipe.params overrides.
@@ -77,14 +79,15 @@ def run_bare(
     batch_size: int,
     compile_model: bool,
     smoke: bool,
-    profile_out: Path | None = None,
+    profile_dir: Path | None = None,
 ) -> float:
     """Median seconds per optimizer step of a plain single-GPU loop.
 
     The loss is read on the host every ``LOG_EVERY`` steps, as forge's loop reads it at its log
     steps (``trainer.log_every_n_steps=10`` on the forge side): no side pays a sync per step.
-    With ``profile_out``, ``PROFILE_STEPS`` more steps run under ``torch.profiler`` and a
-    summary of where their time went is printed and written there.
+    With ``profile_dir``, the steps of ``PROFILE_WINDOW`` run under ``torch.profiler`` (forge's
+    :class:`forge.profiling.StepProfiler`, as ``trainer.profile_steps`` does on the forge side);
+    where their time went is printed, and the profiler's table written there.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -119,69 +122,49 @@ def run_bare(
         if index % LOG_EVERY == 0:
             loss.item()  # the host reads the loss at log steps, as forge does
 
-    source = batches()
+    from forge.profiling import StepProfiler
+
+    files: dict[str, bytes] = {}
+    window = PROFILE_WINDOW if profile_dir is not None else None
+    profiler = StepProfiler(window, device, files.__setitem__)
     ends: list[float] = []
-    for index, (x, y) in zip(range(1, steps + 1), source, strict=False):
+    for index, (x, y) in zip(range(1, steps + 1), batches(), strict=False):
+        if index - 1 == profiler.edge:
+            profiler.at_step(index - 1)
         step(x, y, index)
         ends.append(time.perf_counter())
+    profiler.close(steps)
     deltas = [b - a for a, b in zip(ends, ends[1:], strict=False)][warmup:]
-    if profile_out is not None:
-        median = statistics.median(deltas)
-        profile_steps(lambda i: step(*next(source), i), device, profile_out, median)
+    if profile_dir is not None:
+        table = profile_dir / f"bare-b{batch_size}.profile.txt"
+        table.write_bytes(files["rank0.table.txt"])
+        summary = json.loads(files["rank0.summary.json"])
+        print_profile(f"bare, batch {batch_size}", summary, statistics.median(deltas), table)
     return statistics.median(deltas)  # the model is freed with this frame
 
 
-def profile_steps(step: Any, device: Any, out: Path, step_s: float) -> None:
-    """Run ``PROFILE_STEPS`` steps under torch.profiler; print and save where the time went.
-
-    Printed: GPU busy time per step (kernels and copies) against the wall time per step (the
-    rest is host gaps, the GPU idle waiting for work), the optimizer's share, and the top
-    kernels by GPU time. ``out`` gets the profiler's full table.
-    """
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    with profile(activities=activities) as prof:
-        for i in range(PROFILE_STEPS):
-            step(i + 1)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    wall = (time.perf_counter() - start) / PROFILE_STEPS
-    events = prof.key_averages()
-    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(events.table(sort_by=sort, row_limit=60, max_name_column_width=90))
-    kernels = [e for e in events if getattr(e, "self_device_time_total", 0) > 0]
-    busy_us = sum(e.self_device_time_total for e in kernels) / PROFILE_STEPS
-    optim_us = (
-        sum(
-            e.self_device_time_total
-            for e in kernels
-            if "adam" in e.key.lower() or "foreach" in e.key.lower() or "norm" in e.key.lower()
-        )
-        / PROFILE_STEPS
+def print_profile(label: str, summary: dict[str, Any], step_s: float, table: Path) -> None:
+    """One side's profile: the GPU's busy time per step against the unprofiled step time (the
+    profiler slows the host, so its own wall time overstates host gaps), and the top ops."""
+    busy = summary["device_busy_ms_per_step"]
+    timed_ms = step_s * 1e3
+    where = (
+        f"GPU busy {busy:.1f} ms of the {timed_ms:.1f} ms timed step (idle "
+        f"{max(0.0, timed_ms - busy):.1f} ms)"
+        if busy is not None
+        else "CPU run"
     )
     print(
-        f"profile of {PROFILE_STEPS} bare steps: wall {wall * 1e3:.1f} ms/step (timed median "
-        f"{step_s * 1e3:.1f}); GPU busy {busy_us / 1e3:.1f} ms/step "
-        f"({busy_us / 1e6 / wall:.0%} of wall; the rest is host gaps); optimizer + clip "
-        f"kernels {optim_us / 1e3:.1f} ms/step; full table: {out}",
+        f"profile of {label} ({summary['steps']} steps): {where}; under the profiler "
+        f"{summary['wall_ms_per_step']:.1f} ms/step; table: {table.name}",
         flush=True,
     )
-    top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:10]
-    for e in top:
-        share = e.self_device_time_total / PROFILE_STEPS / max(busy_us, 1e-9)
-        print(f"  {share:6.1%}  {e.key[:100]}", flush=True)
+    for op in summary["top"][:8]:
+        print(f"  {op['share']:6.1%} {op['ms_per_step']:8.2f} ms  {op['name'][:90]}", flush=True)
 
 
 def forge_overrides(
-    strategy: str, steps: int, batch_size: int, compile_model: bool, smoke: bool
+    strategy: str, steps: int, batch_size: int, compile_model: bool, smoke: bool, profile: bool
 ) -> list[str]:
     """The ``forge.train`` overrides of one forge side."""
     overrides = [
@@ -195,14 +178,19 @@ def forge_overrides(
         "checkpoint.every_n_steps=0",
         "trainer.val_every_n_steps=0",
     ]
+    if profile:
+        overrides.append(f"trainer.profile_steps=[{PROFILE_WINDOW[0]},{PROFILE_WINDOW[1]}]")
     if smoke:
         overrides += ["scaling=cpu", "scaling.num_workers=1", "scaling.cpus_per_worker=1"]
         overrides += [f"recipe.params.{k}={v}" for k, v in SMOKE_PARAMS.items()]
     return overrides
 
 
-def run_forge(overrides: list[str], address: str, storage: str) -> float:
-    """Median seconds per optimizer step of forge.train (after its warm-up steps)."""
+def run_forge(
+    overrides: list[str], address: str, storage: str, label: str, profile_dir: Path | None
+) -> float:
+    """Median seconds per optimizer step of forge.train (after its warm-up steps); with
+    ``profile_dir``, prints the run's profile and copies its table there."""
     from rich.console import Console
 
     import forge
@@ -212,7 +200,15 @@ def run_forge(overrides: list[str], address: str, storage: str) -> float:
         console=Console(file=open(os.devnull, "w")),
     )
     if result.step_time_s is None:
-        raise SystemExit(f"forge.train ({shlex.join(overrides)}) returned no step time")
+        raise RuntimeError(f"forge.train ({shlex.join(overrides)}) returned no step time")
+    if profile_dir is not None:
+        folder = Path(result.run_dir, "profile")
+        table = profile_dir / (
+            label.replace("forge ", "").replace(", batch ", "-b") + ".profile.txt"
+        )
+        table.write_bytes((folder / "rank0.table.txt").read_bytes())
+        summary = json.loads((folder / "rank0.summary.json").read_text())
+        print_profile(label, summary, result.step_time_s, table)
     # Training ends with a final checkpoint and validation, outside the timed steps.
     return result.step_time_s
 
@@ -238,9 +234,10 @@ def main() -> int:
         help="also run bare and forge ddp at these batch sizes (the MFU lever)",
     )
     parser.add_argument(
-        "--profile-out",
+        "--profile-dir",
         type=Path,
-        help=f"profile {PROFILE_STEPS} more bare steps; print a summary, write the table here",
+        help=f"profile steps {PROFILE_WINDOW[0]}-{PROFILE_WINDOW[1]} of every side (in the "
+        "warm-up); print where the time went, write each side's profiler table here",
     )
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, a few steps")
     args = parser.parse_args()
@@ -248,6 +245,12 @@ def main() -> int:
         args.steps, args.warmup, args.batch_size, args.compile = 24, 20, 2, False
     if args.steps <= args.warmup + 1:
         parser.error(f"--steps must exceed the {args.warmup} warm-up steps")
+    if args.profile_dir is not None:
+        if args.warmup < PROFILE_WINDOW[1]:
+            parser.error(
+                f"--profile-dir profiles steps up to {PROFILE_WINDOW[1]}: --warmup >= that"
+            )
+        args.profile_dir.mkdir(parents=True, exist_ok=True)
     print("command:", shlex.join(sys.orig_argv), flush=True)
 
     sys.path.insert(0, str(REPO_ROOT))  # forge and recipes, here and in the Ray workers
@@ -278,9 +281,8 @@ def main() -> int:
     for batch in dict.fromkeys(b for _, b in runs):
         if ("bare", batch) not in runs:
             continue
-        profile_out = args.profile_out if batch == args.batch_size else None
         step_s[("bare", batch)] = run_bare(
-            args.steps, args.warmup, batch, args.compile, args.smoke, profile_out
+            args.steps, args.warmup, batch, args.compile, args.smoke, args.profile_dir
         )
         print(f"bare, batch {batch}: {step_s[('bare', batch)] * 1e3:.1f} ms/step", flush=True)
         if torch.cuda.is_available():
@@ -293,10 +295,14 @@ def main() -> int:
         address = ray.get_runtime_context().gcs_address
         with tempfile.TemporaryDirectory(prefix="forge-bench-") as storage:
             for strategy, batch in forge_runs:
-                overrides = forge_overrides(strategy, args.steps, batch, args.compile, args.smoke)
+                overrides = forge_overrides(
+                    strategy, args.steps, batch, args.compile, args.smoke, bool(args.profile_dir)
+                )
                 label = f"forge {strategy}, batch {batch}"
                 try:
-                    seconds = run_forge(overrides, address, f"{storage}/{strategy}-{batch}")
+                    seconds = run_forge(
+                        overrides, address, f"{storage}/{strategy}-{batch}", label, args.profile_dir
+                    )
                 except Exception as exc:  # reported; the other sides still run
                     failed.append(f"{label}: {type(exc).__name__}: {exc}")
                     print(f"{label}: FAILED ({type(exc).__name__}: {exc})", flush=True)
