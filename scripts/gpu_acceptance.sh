@@ -15,7 +15,8 @@
 #           on DDP, FSDP and ZeRO-2.
 #   cli     python -m forge experiment=tinylm_gpt2_gpu trainer.max_steps=50 (end to end).
 # A shorter run for a session with little device time left, e.g.:
-#   STAGES="bench pytest" BENCH_ARGS="--only bare ddp --steps 40" PYTEST_ARGS="-n 4 -k fp16" \
+#   STAGES="bench pytest" BENCH_ARGS="--only bare ddp --steps 40" \
+#     PYTEST_ARGS="tests/gpu/test_strategies_gpu.py::test_fp16_with_loss_scaling -n 3" \
 #     BENCH_S=120 PYTEST_S=120 bash scripts/gpu_acceptance.sh
 # Exits non-zero if any stage failed; the summary at the end says which.
 set -uo pipefail
@@ -49,8 +50,8 @@ for name in ${STAGES:-bench pytest cli}; do
         ${BENCH_ARGS:---steps 80 --extra-batch-size 32} --profile-dir "$profiles" ;;
     pytest)
       # shellcheck disable=SC2086
-      stage pytest "${PYTEST_S:-240}" python3 -m pytest -m gpu tests/gpu -v -o timeout=200 \
-        -p no:cacheprovider ${PYTEST_ARGS:--n 4} ;;
+      stage pytest "${PYTEST_S:-240}" python3 -m pytest -m gpu -v -o timeout=200 \
+        -p no:cacheprovider ${PYTEST_ARGS:-tests/gpu -n 4} ;;
     cli)
       stage cli "${CLI_S:-150}" python3 -m forge experiment=tinylm_gpt2_gpu \
         trainer.max_steps=50 storage.uri=/tmp/forge-gpu-cli ;;
