@@ -79,9 +79,13 @@ def run_bare(
     batch_size: int,
     compile_model: bool,
     smoke: bool,
+    pin_memory: bool = False,
     profile_dir: Path | None = None,
 ) -> float:
     """Median seconds per optimizer step of a plain single-GPU loop.
+
+    ``pin_memory``: the DataLoader pins its batches, so the host-to-device copy of a batch
+    does not wait for the GPU to finish the previous step (a pageable copy does).
 
     The loss is read on the host every ``LOG_EVERY`` steps, as forge's loop reads it at its log
     steps (``trainer.log_every_n_steps=10`` on the forge side): no side pays a sync per step.
@@ -98,7 +102,9 @@ def run_bare(
     torch.manual_seed(0)
     device = torch.device("cpu" if smoke else "cuda")
     train, _ = split_corpus(load_corpus(params.max_files), params.block_size, params.val_fraction)
-    loader = DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=True)
+    loader = DataLoader(
+        train, batch_size=batch_size, shuffle=True, drop_last=True, pin_memory=pin_memory
+    )
     model = TinyLM(params).to(device)
     if compile_model:
         for block in model.blocks:  # per block, exactly as forge's trainer.compile does
@@ -136,10 +142,11 @@ def run_bare(
     profiler.close(steps)
     deltas = [b - a for a, b in zip(ends, ends[1:], strict=False)][warmup:]
     if profile_dir is not None:
-        table = profile_dir / f"bare-b{batch_size}.profile.txt"
+        table = profile_dir / f"bare-b{batch_size}{'-pinned' * pin_memory}.profile.txt"
         table.write_bytes(files["rank0.table.txt"])
         summary = json.loads(files["rank0.summary.json"])
-        print_profile(f"bare, batch {batch_size}", summary, statistics.median(deltas), table)
+        label = f"bare, batch {batch_size}{' pinned' * pin_memory}"
+        print_profile(label, summary, statistics.median(deltas), table)
     return statistics.median(deltas)  # the model is freed with this frame
 
 
@@ -164,7 +171,13 @@ def print_profile(label: str, summary: dict[str, Any], step_s: float, table: Pat
 
 
 def forge_overrides(
-    strategy: str, steps: int, batch_size: int, compile_model: bool, smoke: bool, profile: bool
+    strategy: str,
+    steps: int,
+    batch_size: int,
+    compile_model: bool,
+    smoke: bool,
+    pin_memory: bool,
+    profile: Path | None,
 ) -> list[str]:
     """The ``forge.train`` overrides of one forge side."""
     overrides = [
@@ -177,6 +190,7 @@ def forge_overrides(
         f"trainer.log_every_n_steps={LOG_EVERY}",
         "checkpoint.every_n_steps=0",
         "trainer.val_every_n_steps=0",
+        f"data.pin_memory={str(pin_memory).lower()}",
     ]
     if profile:
         overrides.append(f"trainer.profile_steps=[{PROFILE_WINDOW[0]},{PROFILE_WINDOW[1]}]")
@@ -203,9 +217,8 @@ def run_forge(
         raise RuntimeError(f"forge.train ({shlex.join(overrides)}) returned no step time")
     if profile_dir is not None:
         folder = Path(result.run_dir, "profile")
-        table = profile_dir / (
-            label.replace("forge ", "").replace(", batch ", "-b") + ".profile.txt"
-        )
+        slug = label.replace("forge ", "").replace(", batch ", "-b").replace(" ", "-")
+        table = profile_dir / f"{slug}.profile.txt"
         table.write_bytes((folder / "rank0.table.txt").read_bytes())
         summary = json.loads((folder / "rank0.summary.json").read_text())
         print_profile(label, summary, result.step_time_s, table)
@@ -232,6 +245,11 @@ def main() -> int:
         nargs="*",
         default=[],
         help="also run bare and forge ddp at these batch sizes (the MFU lever)",
+    )
+    parser.add_argument(
+        "--pin-memory-also",
+        action="store_true",
+        help="also run bare and forge ddp with pinned batches (data.pin_memory=true)",
     )
     parser.add_argument(
         "--profile-dir",
@@ -271,60 +289,71 @@ def main() -> int:
         flush=True,
     )
 
-    # (side, batch size) -> seconds per step; a side that fails is reported and skipped, so
-    # one broken strategy does not cost the GPU session the others' numbers.
-    step_s: dict[tuple[str, int], float] = {}
+    # (side, batch size, pinned) -> seconds per step; a side that fails is reported and
+    # skipped, so one broken strategy does not cost the GPU session the others' numbers.
+    step_s: dict[tuple[str, int, bool], float] = {}
     failed: list[str] = []
-    runs = [(side, args.batch_size) for side in args.only]
+    runs = [(side, args.batch_size, False) for side in args.only]
     for extra in args.extra_batch_size:
-        runs += [(side, extra) for side in ("bare", "ddp")]
-    for batch in dict.fromkeys(b for _, b in runs):
-        if ("bare", batch) not in runs:
+        runs += [(side, extra, False) for side in ("bare", "ddp")]
+    if args.pin_memory_also:
+        runs += [(side, args.batch_size, True) for side in ("bare", "ddp")]
+    variants = list(dict.fromkeys((batch, pin) for _, batch, pin in runs))
+
+    def name(side: str, batch: int, pin: bool) -> str:
+        return f"{side if side == 'bare' else 'forge ' + side}, batch {batch}{' pinned' * pin}"
+
+    for batch, pin in variants:
+        if ("bare", batch, pin) not in runs:
             continue
-        step_s[("bare", batch)] = run_bare(
-            args.steps, args.warmup, batch, args.compile, args.smoke, args.profile_dir
+        key = ("bare", batch, pin)
+        step_s[key] = run_bare(
+            args.steps, args.warmup, batch, args.compile, args.smoke, pin, args.profile_dir
         )
-        print(f"bare, batch {batch}: {step_s[('bare', batch)] * 1e3:.1f} ms/step", flush=True)
+        print(f"{name(*key)}: {step_s[key] * 1e3:.1f} ms/step", flush=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    forge_runs = [(side, batch) for side, batch in runs if side != "bare"]
+    forge_runs = [run for run in runs if run[0] != "bare"]
     if forge_runs:
         import ray
 
         ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
         address = ray.get_runtime_context().gcs_address
         with tempfile.TemporaryDirectory(prefix="forge-bench-") as storage:
-            for strategy, batch in forge_runs:
+            for strategy, batch, pin in forge_runs:
                 overrides = forge_overrides(
-                    strategy, args.steps, batch, args.compile, args.smoke, bool(args.profile_dir)
+                    strategy, args.steps, batch, args.compile, args.smoke, pin, args.profile_dir
                 )
-                label = f"forge {strategy}, batch {batch}"
+                label = name(strategy, batch, pin)
+                folder = f"{storage}/{strategy}-{batch}-{pin}"
                 try:
-                    seconds = run_forge(
-                        overrides, address, f"{storage}/{strategy}-{batch}", label, args.profile_dir
-                    )
+                    seconds = run_forge(overrides, address, folder, label, args.profile_dir)
                 except Exception as exc:  # reported; the other sides still run
                     failed.append(f"{label}: {type(exc).__name__}: {exc}")
                     print(f"{label}: FAILED ({type(exc).__name__}: {exc})", flush=True)
                     continue
-                step_s[(strategy, batch)] = seconds
+                step_s[(strategy, batch, pin)] = seconds
                 print(f"{label}: {seconds * 1e3:.1f} ms/step", flush=True)
         ray.shutdown()
 
     peak = args.peak_tflops * 1e12
-    print(f"\n{'run':<24}{'batch':>6}{'ms/step':>10}{'tokens/s':>12}{'MFU':>8}")
-    tps: dict[tuple[str, int], float] = {}
-    for (side, batch), seconds in step_s.items():
-        tps[(side, batch)] = batch * params.block_size / seconds  # type: ignore[attr-defined]
-        mfu = tps[(side, batch)] * flops / peak
+    print(f"\n{'run':<24}{'batch':>6}{'pinned':>7}{'ms/step':>10}{'tokens/s':>12}{'MFU':>8}")
+    tps: dict[tuple[str, int, bool], float] = {}
+    for (side, batch, pin), seconds in step_s.items():
+        tps[(side, batch, pin)] = batch * params.block_size / seconds  # type: ignore[attr-defined]
+        mfu = tps[(side, batch, pin)] * flops / peak
         label = side if side == "bare" else f"forge {side}"
-        print(f"{label:<24}{batch:>6}{seconds * 1e3:>10.1f}{tps[(side, batch)]:>12,.0f}{mfu:>8.1%}")
+        print(
+            f"{label:<24}{batch:>6}{'yes' if pin else 'no':>7}{seconds * 1e3:>10.1f}"
+            f"{tps[(side, batch, pin)]:>12,.0f}{mfu:>8.1%}"
+        )
     print()
     checks = []
-    for batch in dict.fromkeys(b for _, b in tps):
-        ddp, bare = tps.get(("ddp", batch)), tps.get(("bare", batch))
-        zero2, zero3 = tps.get(("deepspeed_zero2", batch)), tps.get(("deepspeed_zero3", batch))
-        at = f" (batch {batch})"
+    for batch, pin in variants:
+        ddp, bare = tps.get(("ddp", batch, pin)), tps.get(("bare", batch, pin))
+        zero2 = tps.get(("deepspeed_zero2", batch, pin))
+        zero3 = tps.get(("deepspeed_zero3", batch, pin))
+        at = f" (batch {batch}{', pinned' * pin})"
         if ddp and bare:
             checks.append(("forge ddp / bare" + at, ddp / bare, TARGETS["ddp_vs_bare"]))
         if ddp:
