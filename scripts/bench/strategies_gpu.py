@@ -248,8 +248,10 @@ def main() -> int:
     )
     parser.add_argument(
         "--pin-memory-also",
-        action="store_true",
-        help="also run bare and forge ddp with pinned batches (data.pin_memory=true)",
+        nargs="*",
+        choices=["bare", "ddp"],
+        default=[],
+        help="also run these sides with pinned batches (forge: data.pin_memory=true)",
     )
     parser.add_argument(
         "--profile-dir",
@@ -296,8 +298,7 @@ def main() -> int:
     runs = [(side, args.batch_size, False) for side in args.only]
     for extra in args.extra_batch_size:
         runs += [(side, extra, False) for side in ("bare", "ddp")]
-    if args.pin_memory_also:
-        runs += [(side, args.batch_size, True) for side in ("bare", "ddp")]
+    runs += [(side, args.batch_size, True) for side in args.pin_memory_also]
     variants = list(dict.fromkeys((batch, pin) for _, batch, pin in runs))
 
     def name(side: str, batch: int, pin: bool) -> str:
