@@ -77,6 +77,7 @@ from forge.recipe import build_params, import_recipe_module
 from forge.strategies.lightning import (
     CAPTURE_PATH,
     LIGHTNING_FILE,
+    is_capture_path,
     lightning_state_bytes,
     make_lightning_strategy,
     read_lightning_state,
@@ -152,7 +153,7 @@ class _ForgeCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
-        if str(path) == CAPTURE_PATH:
+        if is_capture_path(path):
             self._captured = checkpoint
         else:
             super().save_checkpoint(checkpoint, path, storage_options)

@@ -42,8 +42,8 @@ from forge.strategies import FilePayload
 from forge.strategies.deepspeed import engine_fragments, load_engine_state
 from forge.strategies.fragments import is_sharded
 from forge.strategies.lightning import (
-    CAPTURE_PATH,
     LIGHTNING_FILE,
+    is_capture_path,
     lightning_state_bytes,
     read_lightning_state,
     without_hyper_parameters,
@@ -84,7 +84,7 @@ class ForgeDeepSpeedStrategy(FromRayTrain, pl.strategies.DeepSpeedStrategy):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
     ) -> None:
-        if str(filepath) != CAPTURE_PATH:  # not forge's: Lightning's own DeepSpeed folder
+        if not is_capture_path(filepath):  # not forge's: Lightning's own DeepSpeed folder
             super().save_checkpoint(checkpoint, filepath, storage_options)
             return
         engine = self.deepspeed_engine

@@ -56,6 +56,22 @@ LIGHTNING_FILE = "lightning.pt"  # the rest of Lightning's checkpoint dict: loop
 CAPTURE_PATH = "forge-capture://checkpoint"
 
 
+def is_capture_path(path: Any) -> bool:
+    """Whether ``path`` is :data:`CAPTURE_PATH` as a strategy hands it on.
+
+    Lightning's FSDP strategy passes ``Path(filepath)`` to the CheckpointIO, and ``Path`` folds
+    the ``//``: compared as given, the checkpoint would be written to a file of that name and
+    forge would store nothing.
+
+    Example:
+        >>> is_capture_path(CAPTURE_PATH), is_capture_path(Path(CAPTURE_PATH))
+        (True, True)
+        >>> is_capture_path("/tmp/epoch=1.ckpt")
+        False
+    """
+    return str(path) in (CAPTURE_PATH, str(Path(CAPTURE_PATH)))
+
+
 def make_lightning_strategy(spec: RunSpec, module: nn.Module) -> Any:
     """The Lightning strategy for ``strategy.name``, on this Ray Train worker.
 

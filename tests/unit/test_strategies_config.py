@@ -354,3 +354,19 @@ def test_zero_init_is_a_zero3_option() -> None:
     msg = config_error("strategy=deepspeed_zero2", "strategy.zero_init=true")
     assert "strategy.zero_init=true" in msg and "strategy=deepspeed_zero2" in msg
     assert "strategy=deepspeed_zero3" in msg  # what works
+
+
+def test_lightning_fsdp_hands_the_capture_path_to_forge(tmp_path, monkeypatch) -> None:
+    """Lightning's FSDP strategy passes ``Path(filepath)`` on; forge still captures the dict
+    (found on an H200: the checkpoint went to a file named 'forge-capture:/checkpoint')."""
+    from forge.lightning_runner import _ForgeCheckpointIO
+    from forge.strategies.lightning import CAPTURE_PATH
+    from forge.strategies.lightning_ray import RayTrainFSDPStrategy
+
+    monkeypatch.chdir(tmp_path)
+    strategy = RayTrainFSDPStrategy(state_dict_type="full")
+    io = _ForgeCheckpointIO()
+    strategy.checkpoint_io = io
+    strategy.save_checkpoint({"global_step": 5}, CAPTURE_PATH)
+    assert io.take() == {"global_step": 5}
+    assert list(tmp_path.iterdir()) == []  # nothing written beside the run
