@@ -175,7 +175,9 @@ def _run_loop(
         model = recipe.build_model()
     # The full size, before sharding (ZeRO-3 parameters built partitioned carry it in ds_numel).
     num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    model, optimizer = strategy.setup(model, lambda params: make_optimizer(spec.optim, params))
+    model, optimizer = strategy.setup(
+        model, lambda params, **kw: make_optimizer(spec.optim, params, **kw)
+    )
     feed = None
     if plan.data_table is not None:  # a file source: this worker's Ray Data shard
         from forge.data.feed import FileFeed

@@ -11,8 +11,13 @@ from torch import nn
 from forge.config.specs import OptimSpec
 
 
-def make_optimizer(spec: OptimSpec, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(
+    spec: OptimSpec, params: Iterable[nn.Parameter], *, fused: bool | None = None
+) -> torch.optim.Optimizer:
     """Build the optimizer named by ``optim.name``.
+
+    ``fused`` (Adam/AdamW): PyTorch's fused kernel; None uses it when every parameter is on a
+    CUDA device, the fast path there (on CPU the default foreach kernels are best).
 
     Example:
         >>> opt = make_optimizer(OptimSpec(name="sgd", lr=0.1), torch.nn.Linear(2, 1).parameters())
@@ -25,8 +30,8 @@ def make_optimizer(spec: OptimSpec, params: Iterable[nn.Parameter]) -> torch.opt
             params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
         )
     cls = torch.optim.AdamW if spec.name == "adamw" else torch.optim.Adam
-    # The fused kernel is the fast path on CUDA; on CPU the default (foreach) is best.
-    fused = all(p.is_cuda for p in params) and bool(params)
+    if fused is None:
+        fused = all(p.is_cuda for p in params) and bool(params)
     return cls(
         params,
         lr=spec.lr,

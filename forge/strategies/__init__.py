@@ -24,7 +24,18 @@ from forge.checkpoint.storage import Buffer
 from forge.checkpoint.store import CommittedCheckpoint
 from forge.config.specs import RunSpec
 
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+class OptimizerFactory(Protocol):
+    """Builds the run's optimizer over ``params`` (:func:`forge.optim.make_optimizer`).
+
+    ``fused``: PyTorch's fused kernel on or off; None lets the factory choose (on for CUDA).
+    """
+
+    def __call__(
+        self, params: Iterable[nn.Parameter], *, fused: bool | None = None
+    ) -> torch.optim.Optimizer: ...
+
+
 FilePayload = Buffer | Callable[[], Buffer]
 
 

@@ -76,7 +76,11 @@ class FSDPStrategy:
         for block in blocks:
             fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
-        return model, make_optimizer(model.parameters())
+        # fp16: PyTorch's fused Adam cannot take ShardedGradScaler's found_inf (shape [1]
+        # against 0-dim step counters: "output with shape [] doesn't match the broadcast shape
+        # [1]" at the first step, torch 2.11-2.13); the foreach kernels do the same update.
+        fused = False if self.scaler.is_enabled() else None
+        return model, make_optimizer(model.parameters(), fused=fused)
 
     @contextmanager
     def _no_sync(self, model: Any) -> Any:

@@ -352,8 +352,8 @@ def test_every_optimizer_step_sees_exactly_accumulate_grad_batches_micro_batches
     grads: list[float] = []
     real_make_optimizer = forge.loop.make_optimizer
 
-    def recording_make_optimizer(optim_spec, params):
-        opt = real_make_optimizer(optim_spec, params)
+    def recording_make_optimizer(optim_spec, params, **kw):
+        opt = real_make_optimizer(optim_spec, params, **kw)
         opt.register_step_pre_hook(
             lambda o, args, kwargs: grads.append(float(o.param_groups[0]["params"][0].grad))
         )

@@ -182,6 +182,31 @@ def test_fp16_scales_the_loss_and_resumes_with_the_scale(tmp_path: Path, name: s
     )
 
 
+def test_fsdp_fp16_builds_an_optimizer_its_sharded_scaler_can_step(tmp_path: Path) -> None:
+    """FSDP + fp16 + AdamW: PyTorch's fused Adam fails at the first step under
+    ShardedGradScaler ("output with shape [] doesn't match the broadcast shape [1]", seen on an
+    H200), so FSDP asks the factory for the unfused kernels. The factory here fuses whenever
+    it may, as forge's does on CUDA, so the CPU test fails the way the GPU run did."""
+    from forge.optim import make_optimizer
+    from forge.strategies import make_strategy
+
+    spec = fp16(digits(tmp_path, "strategy=fsdp", "optim.name=adamw"))
+    strategy = make_strategy(spec, 0, 1, torch.device("cpu"))
+    asked: list[bool | None] = []
+
+    def fusing_factory(params: Any, *, fused: bool | None = None) -> torch.optim.Optimizer:
+        asked.append(fused)
+        return make_optimizer(spec.optim, params, fused=True if fused is None else fused)
+
+    layer = torch.nn.Linear(4, 2, bias=False)
+    model, optimizer = strategy.setup(torch.nn.Sequential(layer), fusing_factory)
+    assert asked == [False]
+    # (an fp32 loss, as autocast gives: 65536, the initial scale, is inf in fp16)
+    strategy.backward(model, model(torch.ones(3, 4)).float().mean(), 1)
+    strategy.optimizer_step(model, optimizer, clip_norm=1.0)  # raised before the fix
+    assert optimizer.state_dict()["state"][0]["step"] == 1
+
+
 def test_fp16_overflow_skips_the_step_and_backs_off() -> None:
     """An inf gradient leaves the weights untouched and halves the scale; 32/bf16 never scale."""
     from forge.precision import grad_scaler, scaled_step
