@@ -7,14 +7,18 @@
 #
 # Every stage has its own time limit, so one that hangs cannot take the others' time, and
 # every stage's log is written under $OUT (or /tmp/forge-gpu) as it runs. Stages:
-#   bench   scripts/bench/strategies_gpu.py: bare loop vs forge DDP / ZeRO-2 / ZeRO-3, batch 16
-#           (T=1024, bf16, compiled), then bare and DDP at batch 32; every side profiled over
-#           steps 12-19 (inside the warm-up), tables in $OUT/profiles.tgz.
-#   pytest  pytest -m gpu tests/gpu, 4 at a time (each xdist worker starts its own Ray):
+#   bench   scripts/bench/strategies_gpu.py: bare loop (in this process and in a Ray worker) vs
+#           forge DDP / ZeRO-2 / ZeRO-3, batch 16 (T=1024, bf16, compiled), then bare and DDP
+#           at batch 32; every side profiled over steps 16-19 (inside the warm-up): tables,
+#           summaries and Chrome traces in $OUT/profiles.tgz. About 5-6 minutes on an H200.
+#   pytest  pytest -m gpu tests/gpu, 6 at a time (each xdist worker starts its own Ray):
 #           Lightning FSDP/DeepSpeed train and resume, bf16 everywhere, fp16 with loss scaling
-#           on DDP, FSDP and ZeRO-2.
-#   cli     python -m forge experiment=tinylm_gpt2_gpu trainer.max_steps=50 (end to end).
-# A shorter run for a session with little device time left, e.g.:
+#           on DDP, FSDP and ZeRO-2. About 2-3 minutes.
+#   cli     python -m forge experiment=tinylm_gpt2_gpu trainer.max_steps=50 (end to end), ~1 min.
+# One device call runs at most 10 minutes: run the bench in one, the rest in a second, e.g.
+#   STAGES=bench bash scripts/gpu_acceptance.sh
+#   STAGES="pytest cli" bash scripts/gpu_acceptance.sh
+# or a shorter run for a session with little device time left:
 #   STAGES="bench pytest" BENCH_ARGS="--only bare ddp --steps 40" \
 #     PYTEST_ARGS="tests/gpu/test_strategies_gpu.py::test_fp16_with_loss_scaling -n 3" \
 #     BENCH_S=120 PYTEST_S=120 bash scripts/gpu_acceptance.sh
@@ -46,12 +50,12 @@ for name in ${STAGES:-bench pytest cli}; do
   case $name in
     bench)
       # shellcheck disable=SC2086
-      stage bench "${BENCH_S:-300}" python3 scripts/bench/strategies_gpu.py \
+      stage bench "${BENCH_S:-420}" python3 scripts/bench/strategies_gpu.py \
         ${BENCH_ARGS:---steps 80 --extra-batch-size 32} --profile-dir "$profiles" ;;
     pytest)
       # shellcheck disable=SC2086
       stage pytest "${PYTEST_S:-240}" python3 -m pytest -m gpu -v -o timeout=200 \
-        -p no:cacheprovider ${PYTEST_ARGS:-tests/gpu -n 4} ;;
+        -p no:cacheprovider ${PYTEST_ARGS:-tests/gpu -n 6} ;;
     cli)
       stage cli "${CLI_S:-150}" python3 -m forge experiment=tinylm_gpt2_gpu \
         trainer.max_steps=50 storage.uri=/tmp/forge-gpu-cli ;;

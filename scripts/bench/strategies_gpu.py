@@ -1,10 +1,13 @@
 """Benchmark forge's strategies on one GPU against a bare PyTorch loop: tokens/s and MFU.
 
 The model is ``recipes/tinylm.py`` at GPT-2-124M size (``experiment=tinylm_gpt2_gpu``: 12 layers,
-768 wide, T=1024, bf16, AdamW, clip 1.0, batch 16 per GPU). Four runs of ``--steps`` steps:
+768 wide, T=1024, bf16, AdamW, clip 1.0, batch 16 per GPU). Runs of ``--steps`` steps:
 
 * **bare**: a single-GPU PyTorch loop written the usual way (DataLoader over the same windows,
-  ``torch.autocast(bf16)``, fused AdamW, ``clip_grad_norm_``), in this process;
+  ``torch.autocast(bf16)``, fused AdamW, ``clip_grad_norm_``, the loss read every 10 steps), in
+  this process;
+* **bare_ray**: the same loop inside one Ray Train worker, placed as forge's worker is (4 CPUs,
+  a GPU): what the Ray worker costs, apart from forge's loop;
 * **forge ddp**, **forge deepspeed_zero2**, **forge deepspeed_zero3**: ``forge.train`` with
   ``scaling.num_workers=1`` on a local Ray cluster this script starts once.
 
@@ -18,11 +21,17 @@ bf16 peak; ``recipes.tinylm.flops_per_token``). Targets, printed with the ratios
   of its machinery).
 
 Both sides are compiled (``torch.compile`` per block, as ``trainer.compile=true`` does in forge)
-unless ``--no-compile``; the comparison is like for like either way.
+unless ``--no-compile``; the comparison is like for like either way. Levers:
+``--extra-batch-size 32`` (bare and forge ddp again at that batch), ``--pin-memory-also bare
+ddp`` (those sides again with pinned batches). ``--profile-dir DIR`` profiles steps 16-19 of
+every side (inside the warm-up, so no timed step is slowed; forge through
+``trainer.profile_steps``) and prints the GPU's busy time per step against the timed step, and
+the top kernels; tables, summaries and Chrome traces go to DIR.
 
-Run it (GPU machine, from any directory, repo venv active)::
+Run it (GPU machine, from any directory, repo venv active; ``scripts/gpu_acceptance.sh`` runs it
+on an offline GPU machine)::
 
-    python scripts/bench/strategies_gpu.py                       # all four, 100 steps each
+    python scripts/bench/strategies_gpu.py                       # every side, 100 steps each
     python scripts/bench/strategies_gpu.py --steps 200 --only bare ddp
     python scripts/bench/strategies_gpu.py --peak-tflops 1979    # another peak (H100 sparse...)
     python scripts/bench/strategies_gpu.py --smoke               # CPU, tiny model: plumbing only
@@ -49,10 +58,10 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[2]
 H100_BF16_PEAK_TFLOPS = 989.5
 TARGETS = {"ddp_vs_bare": 0.98, "mfu": 0.45, "zero3_vs_ddp": 0.9}
-SIDES = ["bare", "ddp", "deepspeed_zero2", "deepspeed_zero3"]
+SIDES = ["bare", "bare_ray", "ddp", "deepspeed_zero2", "deepspeed_zero3"]
 LOG_EVERY = 10  # host reads of the loss, both sides
 # Profiled steps (--profile-dir), on both sides: inside the warm-up, so no timed step is slowed.
-PROFILE_WINDOW = (12, 19)
+PROFILE_WINDOW = (16, 19)
 
 
 # --smoke: a model small enough for a CPU, as recipe.params overrides.
@@ -81,6 +90,7 @@ def run_bare(
     smoke: bool,
     pin_memory: bool = False,
     profile_dir: Path | None = None,
+    side: str = "bare",
 ) -> float:
     """Median seconds per optimizer step of a plain single-GPU loop.
 
@@ -142,12 +152,70 @@ def run_bare(
     profiler.close(steps)
     deltas = [b - a for a, b in zip(ends, ends[1:], strict=False)][warmup:]
     if profile_dir is not None:
-        table = profile_dir / f"bare-b{batch_size}{'-pinned' * pin_memory}.profile.txt"
-        table.write_bytes(files["rank0.table.txt"])
+        label = f"{side}, batch {batch_size}{' pinned' * pin_memory}"
+        table = save_profile(profile_dir, label, files)
         summary = json.loads(files["rank0.summary.json"])
-        label = f"bare, batch {batch_size}{' pinned' * pin_memory}"
         print_profile(label, summary, statistics.median(deltas), table)
     return statistics.median(deltas)  # the model is freed with this frame
+
+
+def profile_slug(label: str) -> str:
+    """A side's label as a file name: 'forge ddp, batch 16 pinned' -> 'ddp-b16-pinned'."""
+    return label.replace("forge ", "").replace(", batch ", "-b").replace(" ", "-")
+
+
+def save_profile(profile_dir: Path, label: str, files: dict[str, bytes]) -> Path:
+    """Write a side's profiler table, summary and trace into ``profile_dir``; returns the
+    table's path."""
+    slug = profile_slug(label)
+    (profile_dir / f"{slug}.trace.json.gz").write_bytes(files["rank0.trace.json.gz"])
+    (profile_dir / f"{slug}.summary.json").write_bytes(files["rank0.summary.json"])
+    table = profile_dir / f"{slug}.profile.txt"
+    table.write_bytes(files["rank0.table.txt"])
+    return table
+
+
+def bare_in_ray_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker function: the bare loop as it is, its median step time to a file."""
+    sys.path.insert(0, config["repo"])
+    profile_dir = Path(config["profile_dir"]) if config["profile_dir"] else None
+    seconds = run_bare(
+        config["steps"],
+        config["warmup"],
+        config["batch"],
+        config["compile"],
+        config["smoke"],
+        config["pin"],
+        profile_dir,
+        side="bare_ray",
+    )
+    Path(config["out"]).write_text(json.dumps(seconds))
+
+
+def run_bare_ray(config: dict[str, Any], storage: str) -> float:
+    """Median seconds per step of the bare loop inside one Ray Train worker (placed as forge's
+    worker is): what the Ray worker costs, apart from forge's loop."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out = Path(storage, "bare_ray.json")
+    config = {**config, "out": str(out), "repo": str(REPO_ROOT)}
+    cpus = 1 if config["smoke"] else 4  # scaling=gpu: 4 CPUs and a GPU per worker
+    TorchTrainer(
+        bare_in_ray_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=1, use_gpu=not config["smoke"], resources_per_worker={"CPU": cpus}
+        ),
+        run_config=RunConfig(name="bare-ray", storage_path=storage),
+    ).fit()
+    seconds = json.loads(out.read_text())
+    if config["profile_dir"]:  # the worker's own output goes to Ray's logs, not here
+        label = f"bare_ray, batch {config['batch']}{' pinned' * config['pin']}"
+        slug = profile_slug(label)
+        summary = json.loads(Path(config["profile_dir"], f"{slug}.summary.json").read_text())
+        print_profile(label, summary, seconds, Path(config["profile_dir"], f"{slug}.profile.txt"))
+    return seconds
 
 
 def print_profile(label: str, summary: dict[str, Any], step_s: float, table: Path) -> None:
@@ -217,10 +285,9 @@ def run_forge(
         raise RuntimeError(f"forge.train ({shlex.join(overrides)}) returned no step time")
     if profile_dir is not None:
         folder = Path(result.run_dir, "profile")
-        slug = label.replace("forge ", "").replace(", batch ", "-b").replace(" ", "-")
-        table = profile_dir / f"{slug}.profile.txt"
-        table.write_bytes((folder / "rank0.table.txt").read_bytes())
-        summary = json.loads((folder / "rank0.summary.json").read_text())
+        files = {f.name: f.read_bytes() for f in folder.iterdir()}
+        table = save_profile(profile_dir, label, files)
+        summary = json.loads(files["rank0.summary.json"])
         print_profile(label, summary, result.step_time_s, table)
     # Training ends with a final checkpoint and validation, outside the timed steps.
     return result.step_time_s
@@ -302,7 +369,8 @@ def main() -> int:
     variants = list(dict.fromkeys((batch, pin) for _, batch, pin in runs))
 
     def name(side: str, batch: int, pin: bool) -> str:
-        return f"{side if side == 'bare' else 'forge ' + side}, batch {batch}{' pinned' * pin}"
+        who = side if side.startswith("bare") else f"forge {side}"
+        return f"{who}, batch {batch}{' pinned' * pin}"
 
     for batch, pin in variants:
         if ("bare", batch, pin) not in runs:
@@ -314,7 +382,7 @@ def main() -> int:
         print(f"{name(*key)}: {step_s[key] * 1e3:.1f} ms/step", flush=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    forge_runs = [run for run in runs if run[0] != "bare"]
+    forge_runs = [run for run in runs if run[0] != "bare"]  # bare_ray too: it needs Ray
     if forge_runs:
         import ray
 
@@ -322,6 +390,20 @@ def main() -> int:
         address = ray.get_runtime_context().gcs_address
         with tempfile.TemporaryDirectory(prefix="forge-bench-") as storage:
             for strategy, batch, pin in forge_runs:
+                if strategy == "bare_ray":
+                    config = {
+                        "steps": args.steps,
+                        "warmup": args.warmup,
+                        "batch": batch,
+                        "compile": args.compile,
+                        "smoke": args.smoke,
+                        "pin": pin,
+                        "profile_dir": str(args.profile_dir) if args.profile_dir else None,
+                    }
+                    key = (strategy, batch, pin)
+                    step_s[key] = run_bare_ray(config, f"{storage}/bare-ray-{batch}-{pin}")
+                    print(f"{name(*key)}: {step_s[key] * 1e3:.1f} ms/step", flush=True)
+                    continue
                 overrides = forge_overrides(
                     strategy, args.steps, batch, args.compile, args.smoke, pin, args.profile_dir
                 )
@@ -343,7 +425,7 @@ def main() -> int:
     for (side, batch, pin), seconds in step_s.items():
         tps[(side, batch, pin)] = batch * params.block_size / seconds  # type: ignore[attr-defined]
         mfu = tps[(side, batch, pin)] * flops / peak
-        label = side if side == "bare" else f"forge {side}"
+        label = side if side.startswith("bare") else f"forge {side}"
         print(
             f"{label:<24}{batch:>6}{'yes' if pin else 'no':>7}{seconds * 1e3:>10.1f}"
             f"{tps[(side, batch, pin)]:>12,.0f}{mfu:>8.1%}"
@@ -363,6 +445,11 @@ def main() -> int:
             checks.append(("forge zero3 / forge ddp" + at, zero3 / ddp, TARGETS["zero3_vs_ddp"]))
         if ddp and zero2:
             print(f"forge zero2 / forge ddp{at}: {zero2 / ddp:.3f} (no target)")
+        bare_ray = tps.get(("bare_ray", batch, pin))
+        if bare_ray and bare:  # what the Ray worker costs, and what forge's loop costs in it
+            print(f"bare in a Ray worker / bare{at}: {bare_ray / bare:.3f} (no target)")
+        if bare_ray and ddp:
+            print(f"forge ddp / bare in a Ray worker{at}: {ddp / bare_ray:.3f} (no target)")
     for line in failed:
         print("FAILED", line)
     if args.smoke:
