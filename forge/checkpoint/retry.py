@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import tenacity
 
@@ -88,6 +88,42 @@ class StorageUnavailableError(CheckpointError):
 
 class Cancelled(Exception):
     """The caller gave up on a storage operation (e.g. training failed); nothing was committed."""
+
+
+class CancelSignal(Protocol):
+    """What a storage operation polls to give up: a ``threading.Event``, an :class:`EitherEvent`."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float) -> bool: ...
+
+
+class EitherEvent:
+    """Set when either of two signals is: ``own`` (this operation's, set here) or ``outer`` (the
+    caller's), so that a failure cancels its siblings without cancelling the caller's other
+    work.
+
+    Example:
+        >>> own, outer = threading.Event(), threading.Event()
+        >>> either = EitherEvent(own, outer)
+        >>> either.is_set(), outer.set(), either.is_set(), own.is_set()
+        (False, None, True, False)
+    """
+
+    def __init__(self, own: threading.Event, outer: CancelSignal | None) -> None:
+        self.own, self.outer = own, outer
+
+    def is_set(self) -> bool:
+        return self.own.is_set() or (self.outer is not None and self.outer.is_set())
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.own.wait(min(left, 0.1))  # the outer signal is polled every 0.1 s
+        return True
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -179,7 +215,7 @@ class RetryPolicy:
         fn: Callable[[], T],
         what: str,
         *,
-        cancel: threading.Event | None = None,
+        cancel: CancelSignal | None = None,
         on_retry: Callable[[BaseException, int], None] | None = None,
     ) -> T:
         """Run ``fn`` until it succeeds, fails for good, or the budget is spent.

@@ -14,13 +14,18 @@ import base64
 import io
 import logging
 import threading
-import time
 import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from forge.checkpoint.retry import Cancelled, RetryPolicy, TransientStorageError
+from forge.checkpoint.retry import (
+    Cancelled,
+    CancelSignal,
+    EitherEvent,
+    RetryPolicy,
+    TransientStorageError,
+)
 
 if TYPE_CHECKING:
     from forge.checkpoint.storage import Buffer
@@ -30,25 +35,6 @@ T = TypeVar("T")
 
 # An abort is best effort: a short budget, so a dead server does not hold up the error.
 _ABORT_POLICY = RetryPolicy(max_attempts=4, max_wait_s=5.0, initial_backoff_s=0.2)
-
-
-class _Either:
-    """Set when either of two events is (duck-types the ``threading.Event`` retry needs)."""
-
-    def __init__(self, a: threading.Event, b: threading.Event | None) -> None:
-        self.a, self.b = a, b
-
-    def is_set(self) -> bool:
-        return self.a.is_set() or (self.b is not None and self.b.is_set())
-
-    def wait(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not self.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            self.a.wait(min(left, 0.1))
-        return True
 
 
 class _ViewBody(io.RawIOBase):
@@ -149,7 +135,7 @@ def put(
     *,
     part_size: int,
     policy: RetryPolicy,
-    cancel: threading.Event | None = None,
+    cancel: CancelSignal | None = None,
     if_none_match: bool = False,
 ) -> None:
     """Upload ``data``; above ``part_size`` as a multipart upload with concurrent parts.
@@ -180,7 +166,7 @@ def put(
         cancel,
     )
     failed = threading.Event()
-    stop = _Either(failed, cancel)
+    stop = EitherEvent(failed, cancel)  # a failed part stops its siblings, not the caller
 
     def one_part(number: int, offset: int) -> dict[str, Any]:
         if stop.is_set():

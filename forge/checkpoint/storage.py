@@ -30,7 +30,7 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
-from forge.checkpoint.retry import RetryPolicy, StorageUnavailableError, describe
+from forge.checkpoint.retry import CancelSignal, RetryPolicy, StorageUnavailableError, describe
 from forge.checkpoint.threads import background_pool
 from forge.errors import ConfigError
 
@@ -293,7 +293,7 @@ def write_bytes(
     data: Buffer,
     options: StorageOptions | None = None,
     *,
-    cancel: threading.Event | None = None,
+    cancel: CancelSignal | None = None,
 ) -> None:
     """Write ``data`` to ``uri`` (a concurrent multipart upload for large S3 objects).
 

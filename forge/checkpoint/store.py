@@ -29,7 +29,7 @@ from typing import Any
 
 from forge.checkpoint import storage
 from forge.checkpoint.manifest import MANIFEST, FileEntry, Manifest
-from forge.checkpoint.retry import Cancelled
+from forge.checkpoint.retry import Cancelled, CancelSignal, EitherEvent
 from forge.checkpoint.storage import Buffer, StorageOptions
 from forge.checkpoint.threads import background_pool
 from forge.errors import CheckpointError
@@ -219,7 +219,7 @@ class CheckpointStore:
         step: int,
         files: Mapping[str, Payload],
         *,
-        cancel: threading.Event | None = None,
+        cancel: CancelSignal | None = None,
     ) -> dict[str, FileEntry]:
         """Write this rank's files of ``step`` (several at once) and return their entries.
 
@@ -228,10 +228,18 @@ class CheckpointStore:
         """
         uri = self.step_uri(step)
 
+        # A failed file stops this checkpoint's other files, and nothing else: ``cancel`` is the
+        # caller's (the streamer's, shared by every checkpoint in flight), so setting it would
+        # report an earlier checkpoint still uploading as "Cancelled" instead of its own fate.
+        failed = threading.Event()
+        stop = EitherEvent(failed, cancel)
+
         def one(name: str, payload: Payload) -> tuple[str, FileEntry]:
+            if stop.is_set():
+                raise Cancelled(f"write {storage.join(uri, name)}")
             data = payload() if callable(payload) else payload
             entry = _hasher().submit(FileEntry.of, data)  # sha256 while the bytes go up
-            storage.write_bytes(storage.join(uri, name), data, self.options, cancel=cancel)
+            storage.write_bytes(storage.join(uri, name), data, self.options, cancel=stop)
             return name, entry.result()
 
         items = list(files.items())
@@ -242,8 +250,7 @@ class CheckpointStore:
             try:
                 return dict(f.result() for f in futures)
             except BaseException:
-                if cancel is not None:
-                    cancel.set()
+                failed.set()
                 # A file cancelled because another one failed is not the cause: raise the
                 # failure itself, so the error names what went wrong with storage.
                 for f in futures:

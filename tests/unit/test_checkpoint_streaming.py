@@ -170,6 +170,26 @@ def test_a_failing_serializer_fails_the_run_clearly() -> None:
     assert store.committed() == []
 
 
+def test_a_later_checkpoint_failing_does_not_cancel_an_earlier_one() -> None:
+    """Each checkpoint's files are cancelled together when one of them fails, but no other
+    checkpoint's: the error names the checkpoint that failed and why, never "Cancelled" (a CI
+    run once reported step 10 as cancelled because step 15's failure cancelled it)."""
+    store = memory_store()
+    streamer = CheckpointStreamer(store, max_in_flight=2)
+    gate = threading.Event()
+
+    def broken() -> bytes:
+        raise RuntimeError("cannot serialize step 15")
+
+    streamer.submit(10, {"a": gated(gate), "b": gated(gate)}, strategy="t")
+    streamer.submit(15, {"a": broken, "b": gated(gate)}, strategy="t")
+    time.sleep(0.3)  # step 15 fails while step 10 is still uploading
+    gate.set()
+    with pytest.raises(CheckpointError, match=r"step 15 was not saved.*cannot serialize step 15"):
+        streamer.finish()
+    assert [c.step for c in store.committed()] == [10]
+
+
 def test_the_snapshot_is_released_once_uploaded() -> None:
     import gc
     import weakref
