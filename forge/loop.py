@@ -375,6 +375,7 @@ def _run_loop(
         ),
         start_step=state.step,
     )
+    on_error.append(profiler.abandon)  # the profiler must not stay on in this process
     if state.step == profiler.edge:
         profiler.at_step(state.step)
     tick = time.perf_counter()

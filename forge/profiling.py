@@ -167,6 +167,12 @@ class StepProfiler:
             with open(path, "rb") as f:
                 self.write("rank0.trace.json.gz", gzip.compress(f.read(), compresslevel=5))
 
+    def abandon(self) -> None:
+        """Stop profiling without writing anything (training failed inside the window)."""
+        prof, self._prof, self.edge = self._prof, None, NEVER
+        if prof is not None:
+            prof.__exit__(None, None, None)
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -84,3 +84,38 @@ def test_a_run_with_profile_steps_writes_summary_table_and_trace(tmp_path: Path)
 def test_a_window_outside_the_run_is_refused(override: str, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         to_run_spec(compose(["experiment=digits", "trainer.max_steps=300", override]))
+
+
+def test_a_run_that_fails_inside_the_window_leaves_no_profiler_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import forge.strategies.ddp
+
+    real_step, calls = forge.strategies.ddp.scaled_step, []
+
+    def failing_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("step 5 failed")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(forge.strategies.ddp, "scaled_step", failing_step)
+    spec = to_run_spec(
+        compose(
+            [
+                "experiment=digits",
+                f"storage.uri={tmp_path}",
+                "trainer.max_steps=12",
+                "trainer.val_every_n_steps=0",
+                "checkpoint.every_n_steps=0",
+                "recipe.params.channels=4",
+                "trainer.profile_steps=[2,10]",
+            ]
+        )
+    )
+    run = tmp_path / "run"
+    plan = LaunchPlan(run_uri=str(run), resume_from=None, config_hash="x", launch_time=time.time())
+    with pytest.raises(RuntimeError, match="step 5 failed"):
+        run_loop(spec, plan, WorkerContext())
+    assert torch.autograd.profiler._is_profiler_enabled is False
+    assert not (run / "profile").exists()
