@@ -113,3 +113,25 @@ def test_lightning_deepspeed_checkpoint_resumes_under_another_stage(
     )
     assert second.global_step == 10
     assert "at step 5" in quiet_console.file.getvalue()
+
+
+def test_profile_steps_reports_the_gpu_busy_time(tmp_path: Path, quiet_console, gpu_ray) -> None:
+    """trainer.profile_steps on CUDA: kernels are summed, and the busy time fits in the step."""
+    result = forge.train(
+        [
+            "experiment=tinylm",
+            "scaling=gpu",
+            "scaling.num_workers=1",
+            "trainer.precision=bf16",
+            "trainer.max_steps=12",
+            "trainer.profile_steps=[5,8]",
+            "recipe.params.max_files=5",
+            f"storage.uri={tmp_path}",
+            f"ray.address={gpu_ray}",
+        ],
+        console=quiet_console,
+    )
+    summary = json.loads(Path(result.run_dir, "profile/rank0.summary.json").read_text())
+    assert (summary["first_step"], summary["last_step"]) == (5, 8)
+    assert 0 < summary["device_busy_ms_per_step"] <= 1.5 * summary["wall_ms_per_step"]
+    assert summary["top"] and all(op["ms_per_step"] > 0 for op in summary["top"])
