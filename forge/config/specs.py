@@ -322,13 +322,39 @@ class TrainerSpec(Spec):
             )
         if self.profile_steps is not None:
             first, last = self.profile_steps
-            if first > last or (self.max_steps is not None and last > self.max_steps):
+            problem = (
+                "its first step comes after its last"
+                if first > last
+                else f"its last step is past trainer.max_steps={self.max_steps}"
+                if self.max_steps is not None and last > self.max_steps
+                else None
+            )
+            if problem:
+                end = self.max_steps or last
+                example = f"[{max(1, end - 7)},{end}]"
                 raise ValueError(
-                    f"trainer.profile_steps=[{first},{last}] is not a window of optimizer steps "
-                    f"within trainer.max_steps={self.max_steps}: give [first,last] with "
-                    "1 <= first <= last <= max_steps, e.g. trainer.profile_steps=[30,37]"
+                    f"trainer.profile_steps=[{first},{last}] is not a window of this run's "
+                    f"optimizer steps: {problem}. Give [first,last] with 1 <= first <= last <= "
+                    f"max_steps, e.g. trainer.profile_steps={example}"
                 )
         return self
+
+    @field_validator("profile_steps", mode="before")
+    @classmethod
+    def _two_steps(cls, value: Any) -> Any:
+        # Checked here so that [10] or [0,5] get this message, not one about list items.
+        if value is None:
+            return value
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if len(items) != 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in items
+        ):
+            raise ValueError(
+                f"trainer.profile_steps={value} is not [first,last], two optimizer steps >= 1 "
+                "(1-based, both profiled), e.g. trainer.profile_steps=[10,15]; remove it "
+                "(~trainer.profile_steps) to profile nothing"
+            )
+        return value
 
 
 class StorageRetrySpec(Spec):

@@ -430,7 +430,7 @@ def main() -> int:
             f"{label:<24}{batch:>6}{'yes' if pin else 'no':>7}{seconds * 1e3:>10.1f}"
             f"{tps[(side, batch, pin)]:>12,.0f}{mfu:>8.1%}"
         )
-    print()
+    print("\nratios of tokens/s: above 1 the first is faster")
     checks = []
     for batch, pin in variants:
         ddp, bare = tps.get(("ddp", batch, pin)), tps.get(("bare", batch, pin))
@@ -444,12 +444,14 @@ def main() -> int:
         if ddp and zero3:
             checks.append(("forge zero3 / forge ddp" + at, zero3 / ddp, TARGETS["zero3_vs_ddp"]))
         if ddp and zero2:
-            print(f"forge zero2 / forge ddp{at}: {zero2 / ddp:.3f} (no target)")
+            print(f"forge zero2 / forge ddp{at}: {zero2 / ddp:.3f} (tokens/s; no target)")
         bare_ray = tps.get(("bare_ray", batch, pin))
         if bare_ray and bare:  # what the Ray worker costs, and what forge's loop costs in it
-            print(f"bare in a Ray worker / bare{at}: {bare_ray / bare:.3f} (no target)")
+            print(f"bare in a Ray worker / bare{at}: {bare_ray / bare:.3f} (tokens/s; no target)")
         if bare_ray and ddp:
-            print(f"forge ddp / bare in a Ray worker{at}: {ddp / bare_ray:.3f} (no target)")
+            print(
+                f"forge ddp / bare in a Ray worker{at}: {ddp / bare_ray:.3f} (tokens/s; no target)"
+            )
     for line in failed:
         print("FAILED", line)
     if args.smoke:

@@ -77,8 +77,10 @@ def test_a_run_with_profile_steps_writes_summary_table_and_trace(tmp_path: Path)
 @pytest.mark.parametrize(
     ("override", "fragment"),
     [
-        ("trainer.profile_steps=[8,5]", "trainer.profile_steps=[8,5] is not a window"),
-        ("trainer.profile_steps=[5,400]", "within trainer.max_steps=300"),
+        ("trainer.profile_steps=[8,5]", "its first step comes after its last"),
+        ("trainer.profile_steps=[5,400]", "its last step is past trainer.max_steps=300"),
+        ("trainer.profile_steps=[10]", "trainer.profile_steps=[10] is not [first,last]"),
+        ("trainer.profile_steps=[0,5]", "is not [first,last], two optimizer steps >= 1"),
     ],
 )
 def test_a_window_outside_the_run_is_refused(override: str, fragment: str) -> None:
