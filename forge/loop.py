@@ -12,6 +12,7 @@ it would have seen.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import itertools
 import logging
@@ -175,9 +176,7 @@ def _run_loop(
         model = recipe.build_model()
     # The full size, before sharding (ZeRO-3 parameters built partitioned carry it in ds_numel).
     num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    model, optimizer = strategy.setup(
-        model, lambda params, **kw: make_optimizer(spec.optim, params, **kw)
-    )
+    model, optimizer = strategy.setup(model, functools.partial(make_optimizer, spec.optim))
     feed = None
     if plan.data_table is not None:  # a file source: this worker's Ray Data shard
         from forge.data.feed import FileFeed

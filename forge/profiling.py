@@ -126,7 +126,6 @@ class StepProfiler:
         """Call when ``step`` (the optimizer steps finished so far) equals :attr:`edge`."""
         if self.window is None:
             return
-        first, last = self.window
         if self._prof is None:
             from torch.profiler import ProfilerActivity, profile
 
@@ -138,7 +137,7 @@ class StepProfiler:
             self._prof.__enter__()
             self._started_at = time.perf_counter()
             self._first = step + 1
-            self.edge = last
+            self.edge = self.window[1]
         else:
             self.close(step)
 
@@ -149,8 +148,7 @@ class StepProfiler:
             return
         self._sync()
         wall_s = time.perf_counter() - self._started_at
-        prof, self._prof, self.edge = self._prof, None, NEVER
-        prof.__exit__(None, None, None)
+        prof = self._stop()
         steps = step - self._first + 1
         if steps < 1:
             return
@@ -169,9 +167,14 @@ class StepProfiler:
 
     def abandon(self) -> None:
         """Stop profiling without writing anything (training failed inside the window)."""
+        self._stop()
+
+    def _stop(self) -> Any:
+        """Turn the profiler off (if on) and profile nothing more; returns it (or None)."""
         prof, self._prof, self.edge = self._prof, None, NEVER
         if prof is not None:
             prof.__exit__(None, None, None)
+        return prof
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

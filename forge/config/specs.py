@@ -322,13 +322,11 @@ class TrainerSpec(Spec):
             )
         if self.profile_steps is not None:
             first, last = self.profile_steps
-            problem = (
-                "its first step comes after its last"
-                if first > last
-                else f"its last step is past trainer.max_steps={self.max_steps}"
-                if self.max_steps is not None and last > self.max_steps
-                else None
-            )
+            problem = None
+            if first > last:
+                problem = "its first step comes after its last"
+            elif self.max_steps is not None and last > self.max_steps:
+                problem = f"its last step is past trainer.max_steps={self.max_steps}"
             if problem:
                 end = self.max_steps or last
                 example = f"[{max(1, end - 7)},{end}]"

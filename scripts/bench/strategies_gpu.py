@@ -152,11 +152,17 @@ def run_bare(
     profiler.close(steps)
     deltas = [b - a for a, b in zip(ends, ends[1:], strict=False)][warmup:]
     if profile_dir is not None:
-        label = f"{side}, batch {batch_size}{' pinned' * pin_memory}"
+        label = side_label(side, batch_size, pin_memory)
         table = save_profile(profile_dir, label, files)
         summary = json.loads(files["rank0.summary.json"])
         print_profile(label, summary, statistics.median(deltas), table)
     return statistics.median(deltas)  # the model is freed with this frame
+
+
+def side_label(side: str, batch: int, pinned: bool) -> str:
+    """How a run is named in the output: 'bare, batch 16', 'forge ddp, batch 16 pinned'."""
+    who = side if side.startswith("bare") else f"forge {side}"
+    return f"{who}, batch {batch}{' pinned' * pinned}"
 
 
 def profile_slug(label: str) -> str:
@@ -211,7 +217,7 @@ def run_bare_ray(config: dict[str, Any], storage: str) -> float:
     ).fit()
     seconds = json.loads(out.read_text())
     if config["profile_dir"]:  # the worker's own output goes to Ray's logs, not here
-        label = f"bare_ray, batch {config['batch']}{' pinned' * config['pin']}"
+        label = side_label("bare_ray", config["batch"], config["pin"])
         slug = profile_slug(label)
         summary = json.loads(Path(config["profile_dir"], f"{slug}.summary.json").read_text())
         print_profile(label, summary, seconds, Path(config["profile_dir"], f"{slug}.profile.txt"))
@@ -368,10 +374,6 @@ def main() -> int:
     runs += [(side, args.batch_size, True) for side in args.pin_memory_also]
     variants = list(dict.fromkeys((batch, pin) for _, batch, pin in runs))
 
-    def name(side: str, batch: int, pin: bool) -> str:
-        who = side if side.startswith("bare") else f"forge {side}"
-        return f"{who}, batch {batch}{' pinned' * pin}"
-
     for batch, pin in variants:
         if ("bare", batch, pin) not in runs:
             continue
@@ -379,7 +381,7 @@ def main() -> int:
         step_s[key] = run_bare(
             args.steps, args.warmup, batch, args.compile, args.smoke, pin, args.profile_dir
         )
-        print(f"{name(*key)}: {step_s[key] * 1e3:.1f} ms/step", flush=True)
+        print(f"{side_label(*key)}: {step_s[key] * 1e3:.1f} ms/step", flush=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     forge_runs = [run for run in runs if run[0] != "bare"]  # bare_ray too: it needs Ray
@@ -402,12 +404,12 @@ def main() -> int:
                     }
                     key = (strategy, batch, pin)
                     step_s[key] = run_bare_ray(config, f"{storage}/bare-ray-{batch}-{pin}")
-                    print(f"{name(*key)}: {step_s[key] * 1e3:.1f} ms/step", flush=True)
+                    print(f"{side_label(*key)}: {step_s[key] * 1e3:.1f} ms/step", flush=True)
                     continue
                 overrides = forge_overrides(
                     strategy, args.steps, batch, args.compile, args.smoke, pin, args.profile_dir
                 )
-                label = name(strategy, batch, pin)
+                label = side_label(strategy, batch, pin)
                 folder = f"{storage}/{strategy}-{batch}-{pin}"
                 try:
                     seconds = run_forge(overrides, address, folder, label, args.profile_dir)

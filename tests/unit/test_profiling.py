@@ -46,23 +46,28 @@ def test_the_window_is_the_steps_asked_for() -> None:
     assert StepProfiler(None, torch.device("cpu"), print).edge == NEVER
 
 
-def test_a_run_with_profile_steps_writes_summary_table_and_trace(tmp_path: Path) -> None:
+def run_digits(storage: Path, run: Path, window: str) -> dict:
+    """12 steps of the digits recipe in this process, profiling ``window`` (e.g. "[5,8]")."""
     spec = to_run_spec(
         compose(
             [
                 "experiment=digits",
-                f"storage.uri={tmp_path}",
+                f"storage.uri={storage}",
                 "trainer.max_steps=12",
                 "trainer.val_every_n_steps=0",
                 "checkpoint.every_n_steps=0",
                 "recipe.params.channels=4",
-                "trainer.profile_steps=[5,8]",
+                f"trainer.profile_steps={window}",
             ]
         )
     )
-    run = tmp_path / "run"
     plan = LaunchPlan(run_uri=str(run), resume_from=None, config_hash="x", launch_time=time.time())
-    summary = run_loop(spec, plan, WorkerContext())
+    return run_loop(spec, plan, WorkerContext())
+
+
+def test_a_run_with_profile_steps_writes_summary_table_and_trace(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    summary = run_digits(tmp_path, run, "[5,8]")
     assert summary["step"] == 12
     profile = json.loads((run / "profile/rank0.summary.json").read_text())
     assert (profile["first_step"], profile["last_step"], profile["steps"]) == (5, 8, 4)
@@ -102,22 +107,8 @@ def test_a_run_that_fails_inside_the_window_leaves_no_profiler_running(
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(forge.strategies.ddp, "scaled_step", failing_step)
-    spec = to_run_spec(
-        compose(
-            [
-                "experiment=digits",
-                f"storage.uri={tmp_path}",
-                "trainer.max_steps=12",
-                "trainer.val_every_n_steps=0",
-                "checkpoint.every_n_steps=0",
-                "recipe.params.channels=4",
-                "trainer.profile_steps=[2,10]",
-            ]
-        )
-    )
     run = tmp_path / "run"
-    plan = LaunchPlan(run_uri=str(run), resume_from=None, config_hash="x", launch_time=time.time())
     with pytest.raises(RuntimeError, match="step 5 failed"):
-        run_loop(spec, plan, WorkerContext())
+        run_digits(tmp_path, run, "[2,10]")
     assert torch.autograd.profiler._is_profiler_enabled is False
     assert not (run / "profile").exists()
