@@ -85,7 +85,12 @@ def test_memoryviews_upload_with_the_crc32_botocore_would_send(
         head["ChecksumCRC32"] == botocore_crc.b64digest() == s3._body_args(small)["ChecksumCRC32"]
     )
     body = s3._body_args(big[5:])["Body"]
-    assert body.read(4) == bytes(big[5:9]) and body.seek(0, 2) == len(big) - 5
+    chunk = body.read(4)
+    assert chunk == bytes(big[5:9]) and body.seek(0, 2) == len(big) - 5
+    # The body hands out views of the caller's buffer, not copies (each copy held the GIL).
+    big[5] ^= 0xFF
+    assert chunk[0] == big[5]
+    assert body.read() == b"" and not body.read(10)
 
 
 def test_endpoint_from_the_aws_environment(s3_server, s3_bucket, monkeypatch) -> None:
