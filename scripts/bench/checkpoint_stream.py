@@ -28,6 +28,7 @@ ratio here is pessimistic. Run it from any directory, with the repo's venv activ
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -35,12 +36,15 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # moto_server: the tests' S3 server
 
+from _s3_sink import SinkProcess  # noqa: E402  (next to this script)
 from moto_server import MotoProcess  # noqa: E402
 
 MB = 1e6
@@ -129,6 +133,12 @@ def main() -> int:
         default=None,
         help=f"ratio 3 (default {GUARD_MIN_TP}; {GUARD_MIN_TP_SERVER_BOUND} when the S3 server "
         "was the bottleneck of both uploads)",
+    )
+    parser.add_argument(
+        "--min-client-throughput",
+        type=float,
+        default=GUARD_MIN_TP,
+        help="ratio 3b, against the sink endpoint",
     )
     args = parser.parse_args()
     args.size_mb = args.size_mb or (150 if args.guard else 300)
@@ -247,25 +257,27 @@ def main() -> int:
         # -- 3. upload throughput: forge vs boto3 upload_file -------------------------------
         reniced = server.renice(0)
         data = {n: p() if callable(p) else p for n, p in snapshot().items()}
-        forge_s, boto_s = [], []
-        server_cpu: dict[str, list[float]] = {"forge": [], "boto3": []}
         with tempfile.TemporaryDirectory(prefix="forge-bench-") as tmp:
             for name, payload in data.items():
                 Path(tmp, name).write_bytes(payload)
-            for i in range(args.repeats):
-                for who in ("forge", "boto3") if i % 2 == 0 else ("boto3", "forge"):
-                    root = bucket()
-                    cpu0 = server.cpu_s()
-                    t0 = time.perf_counter()
-                    if who == "forge":
-                        CheckpointStore(f"{root}/t", options=options).write_files(i, data)
-                        forge_s.append(time.perf_counter() - t0)
-                    else:
-                        for name in data:
-                            client.upload_file(str(Path(tmp, name)), "bench", f"t/{i}/{name}")
-                        boto_s.append(time.perf_counter() - t0)
-                    server_cpu[who].append(server.cpu_s() - cpu0)
-        storage.remove(f"{bucket()}/t", options)
+            forge_s, boto_s, server_cpu = race_uploads(
+                data, Path(tmp), options, client, bucket, args.repeats, server.cpu_s
+            )
+            storage.remove(f"{bucket()}/t", options)
+            # -- 3b. the same race against an endpoint that is not the bottleneck -----------
+            sink = SinkProcess()
+            try:
+                sink_options = dataclasses.replace(options, endpoint_url=sink.endpoint)
+                sink_client = boto3.client("s3", endpoint_url=sink.endpoint)
+                sink_forge_s, sink_boto_s, _ = race_uploads(
+                    data, Path(tmp), sink_options, sink_client, lambda: "s3://bench",
+                    args.repeats, lambda: 0.0,
+                )  # fmt: skip
+                received = sink.received()
+            finally:
+                sink.stop()
+        # Every body byte of both clients' uploads reached the sink (and a little XML).
+        assert received >= 2 * args.repeats * total, (received, total)
     finally:
         server.stop()
 
@@ -324,6 +336,16 @@ def main() -> int:
         )
     if not reniced:
         print(f"   (the server stayed at niceness {args.server_nice}: renicing needs root)")
+    sink_forge_tp = total / median(sink_forge_s) / MB
+    sink_boto_tp = total / median(sink_boto_s) / MB
+    ratios["client throughput"] = sink_forge_tp / sink_boto_tp
+    print(
+        f"3b. the same uploads to an endpoint that only reads the bytes (scripts/bench/"
+        f"_s3_sink.py: a remote S3 with capacity to spare, so the clients set the pace): forge "
+        f"{sink_forge_tp:.0f} MB/s ({fmt(sink_forge_s)}) / boto3 upload_file "
+        f"{sink_boto_tp:.0f} MB/s ({fmt(sink_boto_s)})"
+    )
+    print(f"   ratio {ratios['client throughput']:.3f}   (target >= {TARGET_TP})")
     if not args.guard:
         return 0
     min_tp = args.min_throughput
@@ -340,6 +362,12 @@ def main() -> int:
             ("blocked", ">", args.max_blocked, ratios["blocked"] > args.max_blocked),
             ("busy", ">", args.max_busy, ratios["busy"] > args.max_busy),
             ("throughput", "<", min_tp, ratios["throughput"] < min_tp),
+            (
+                "client throughput",
+                "<",
+                args.min_client_throughput,
+                ratios["client throughput"] < args.min_client_throughput,
+            ),
         ]
         if bad
     ]
@@ -348,6 +376,42 @@ def main() -> int:
     if not failed:
         print("guard passed")
     return 1 if failed else 0
+
+
+def race_uploads(
+    data: dict[str, Any],
+    files: Path,
+    options: Any,
+    client: Any,
+    bucket: Callable[[], str],
+    repeats: int,
+    server_cpu_s: Callable[[], float],
+) -> tuple[list[float], list[float], dict[str, list[float]]]:
+    """Upload ``data`` ``repeats`` times with forge's uploader and with boto3's ``upload_file``
+    (of the same bytes, written to ``files``), alternating which goes first.
+
+    Returns forge's and boto3's seconds per upload, and the server's CPU seconds per upload
+    (``server_cpu_s``: the server's CPU seconds so far; ``lambda: 0.0`` where not measured).
+    """
+    from forge.checkpoint.store import CheckpointStore
+
+    forge_s: list[float] = []
+    boto_s: list[float] = []
+    server_cpu: dict[str, list[float]] = {"forge": [], "boto3": []}
+    for i in range(repeats):
+        for who in ("forge", "boto3") if i % 2 == 0 else ("boto3", "forge"):
+            root = bucket()
+            cpu0 = server_cpu_s()
+            t0 = time.perf_counter()
+            if who == "forge":
+                CheckpointStore(f"{root}/t", options=options).write_files(i, data)
+                forge_s.append(time.perf_counter() - t0)
+            else:
+                for name in data:
+                    client.upload_file(str(files / name), "bench", f"t/{i}/{name}")
+                boto_s.append(time.perf_counter() - t0)
+            server_cpu[who].append(server_cpu_s() - cpu0)
+    return forge_s, boto_s, server_cpu
 
 
 def runqueue_s() -> float:
