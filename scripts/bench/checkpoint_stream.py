@@ -17,6 +17,10 @@ checkpoints it to a moto S3 server that this script starts on 127.0.0.1. It repo
    ``TransferConfig``, of the same bytes (the files written to a local temp dir first, so they
    come from the page cache). Target >= 1.2. It also prints the S3 server's CPU time per
    upload: a server busy for the whole upload is the bottleneck, and the ratio stays near 1.
+   **3b.** The same race against ``_s3_sink.py``, an S3 endpoint in a child process that reads
+   every body byte and keeps nothing: a remote S3 with capacity to spare, so the clients' own
+   work per byte and their concurrency set the pace. On 2 cores, no server that stores the
+   bytes (moto, or rclone's Go server) leaves the clients that much room. Target >= 1.2.
 
 The S3 server runs on the same 2 cores as training (in reality it would be remote), so every
 ratio here is pessimistic. Run it from any directory, with the repo's venv active::
