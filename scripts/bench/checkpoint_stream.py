@@ -23,10 +23,14 @@ checkpoints it to a moto S3 server that this script starts on 127.0.0.1. It repo
    bytes (moto, or rclone's Go server) leaves the clients that much room. Target >= 1.2.
 
 The S3 server runs on the same 2 cores as training (in reality it would be remote), so every
-ratio here is pessimistic. Run it from any directory, with the repo's venv active::
+ratio here is pessimistic. ``--storage local`` checkpoints to a local temp dir instead (forge's
+default storage; measurements 1 and 2). ``--nice 15`` runs the process where Ray runs its workers,
+and so forge's training (``RAY_worker_niceness``). Run it from any directory, with the repo's venv
+active::
 
-    python scripts/bench/checkpoint_stream.py                    # ~300 MB of state, 3 rounds
+    python scripts/bench/checkpoint_stream.py                    # ~300 MB of state, 4 rounds
     python scripts/bench/checkpoint_stream.py --size-mb 150 --repeats 2
+    python scripts/bench/checkpoint_stream.py --storage local --nice 15
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -139,6 +144,21 @@ def main() -> int:
         "was the bottleneck of both uploads)",
     )
     parser.add_argument(
+        "--storage",
+        choices=["s3", "local"],
+        default="s3",
+        help="where checkpoints go: the moto S3 server (default), or a local temp dir (forge's "
+        "default storage; measurements 1 and 2 only)",
+    )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=None,
+        help="run this process (training, checkpoint threads, the S3 server it starts) at this "
+        "niceness; 15 is where Ray starts its workers (RAY_worker_niceness), i.e. where forge "
+        "trains",
+    )
+    parser.add_argument(
         "--min-client-throughput",
         type=float,
         default=GUARD_MIN_TP,
@@ -147,6 +167,9 @@ def main() -> int:
     args = parser.parse_args()
     args.size_mb = args.size_mb or (150 if args.guard else 300)
     args.repeats = args.repeats or (3 if args.guard else 4)
+    if args.nice is not None:
+        os.nice(args.nice - os.nice(0))
+    local = args.storage == "local"
 
     import boto3
     import torch
@@ -163,17 +186,20 @@ def main() -> int:
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    server = MotoServer()
+    server = None if local else MotoServer()
+    local_root = tempfile.mkdtemp(prefix="forge-bench-") if local else ""
     try:
-        client = boto3.client("s3", endpoint_url=server.endpoint)
+        client = None if server is None else boto3.client("s3", endpoint_url=server.endpoint)
 
         def bucket() -> str:
+            if server is None:
+                return tempfile.mkdtemp(dir=local_root)
             server.reset()
             client.create_bucket(Bucket="bench")
             return "s3://bench"
 
         options = StorageOptions(
-            endpoint_url=server.endpoint,
+            endpoint_url=None if server is None else server.endpoint,
             part_size=args.part_size_mb * MiB,
             max_concurrency=args.concurrency,
         )
@@ -204,9 +230,14 @@ def main() -> int:
         print(
             f"state: {total / MB:.0f} MB ("
             + ", ".join(f"{n} {s / MB:.0f} MB" for n, s in sizes.items())
-            + f"); torch threads {args.threads}; moto S3 at {server.endpoint}; "
-            f"parts {args.part_size_mb} MiB x {args.concurrency}; server niceness 0, "
-            f"{args.server_nice} while training",
+            + f"); torch threads {args.threads}; process niceness {os.nice(0)}; "
+            + (
+                f"local storage under {local_root}"
+                if server is None
+                else f"moto S3 at {server.endpoint}; parts {args.part_size_mb} MiB x "
+                f"{args.concurrency}; server niceness {os.nice(0)}, {args.server_nice} while "
+                "training"
+            ),
             flush=True,
         )
 
@@ -227,7 +258,8 @@ def main() -> int:
             train_step()
         step_s = time.perf_counter() - t0
         every = args.every or max(10, int(3 * median(sync_s) / step_s))
-        server.renice(args.server_nice)
+        if server is not None:
+            server.renice(args.server_nice)
         blocked: list[float] = []
         busy, idle = [], []
         busy_cpu, idle_cpu = [], []  # the training thread's CPU time: wall minus waiting
@@ -258,48 +290,48 @@ def main() -> int:
         finish_s = time.perf_counter() - t0
         assert store.latest().step == every * args.repeats
 
-        # -- 3. upload throughput: forge vs boto3 upload_file -------------------------------
-        reniced = server.renice(0)
-        data = {n: p() if callable(p) else p for n, p in snapshot().items()}
-        with tempfile.TemporaryDirectory(prefix="forge-bench-") as tmp:
-            for name, payload in data.items():
-                Path(tmp, name).write_bytes(payload)
-            forge_s, boto_s, server_cpu = race_uploads(
-                data, Path(tmp), options, client, bucket, args.repeats, server.cpu_s
-            )
-            storage.remove(f"{bucket()}/t", options)
-            # -- 3b. the same race against an endpoint that is not the bottleneck -----------
-            sink = SinkProcess()
-            try:
-                sink_options = dataclasses.replace(options, endpoint_url=sink.endpoint)
-                sink_client = boto3.client("s3", endpoint_url=sink.endpoint)
-                sink_forge_s, sink_boto_s, _ = race_uploads(
-                    data, Path(tmp), sink_options, sink_client, lambda: "s3://bench",
-                    args.repeats, lambda: 0.0,
-                )  # fmt: skip
-                received = sink.received()
-            finally:
-                sink.stop()
-        # Every body byte of both clients' uploads reached the sink (and a little XML).
-        assert received >= 2 * args.repeats * total, (received, total)
+        if server is not None:  # measurements 3 and 3b are S3's
+            # -- 3. upload throughput: forge vs boto3 upload_file -------------------------------
+            reniced = server.renice(0)
+            data = {n: p() if callable(p) else p for n, p in snapshot().items()}
+            with tempfile.TemporaryDirectory(prefix="forge-bench-") as tmp:
+                for name, payload in data.items():
+                    Path(tmp, name).write_bytes(payload)
+                forge_s, boto_s, server_cpu = race_uploads(
+                    data, Path(tmp), options, client, bucket, args.repeats, server.cpu_s
+                )
+                storage.remove(f"{bucket()}/t", options)
+                # -- 3b. the same race against an endpoint that is not the bottleneck -----------
+                sink = SinkProcess()
+                try:
+                    sink_options = dataclasses.replace(options, endpoint_url=sink.endpoint)
+                    sink_client = boto3.client("s3", endpoint_url=sink.endpoint)
+                    sink_forge_s, sink_boto_s, _ = race_uploads(
+                        data, Path(tmp), sink_options, sink_client, lambda: "s3://bench",
+                        args.repeats, lambda: 0.0,
+                    )  # fmt: skip
+                    received = sink.received()
+                finally:
+                    sink.stop()
+            # Every body byte of both clients' uploads reached the sink (and a little XML).
+            assert received >= 2 * args.repeats * total, (received, total)
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
+        if local_root:
+            shutil.rmtree(local_root, ignore_errors=True)
 
     blocked_med, sync_med = median(blocked), median(sync_s)
     busy_med, idle_med = median(busy), median(idle)
-    forge_tp, boto_tp = total / median(forge_s) / MB, total / median(boto_s) / MB
     print()
     print(f"checkpoint every {every} steps; {len(blocked)} streamed, {len(sync_s)} synchronous")
     print(
         f"1. blocked per checkpoint: {blocked_med:.3f} s (streamed, median; "
-        f"all: {fmt(blocked)}) / synchronous save+upload {sync_med:.2f} s (all: {fmt(sync_s)}); "
+        f"all: {fmt(blocked)}) / synchronous {'save' if local else 'save+upload'} "
+        f"{sync_med:.2f} s (all: {fmt(sync_s)}); "
         f"at the end of the run, {finish_s:.3f} s waiting for the last upload"
     )
-    ratios = {
-        "blocked": blocked_med / sync_med,
-        "busy": busy_med / idle_med,
-        "throughput": forge_tp / boto_tp,
-    }
+    ratios = {"blocked": blocked_med / sync_med, "busy": busy_med / idle_med}
     print(f"   ratio {ratios['blocked']:.3f}   (target <= {TARGET_BLOCKED})")
     print(
         f"2. step time during upload {busy_med * 1e3:.1f} ms (median of {len(busy)}) / "
@@ -314,42 +346,46 @@ def main() -> int:
         f"{waited * 1e3:.1f} ms per step during upload "
         f"({median(busy_runq) * 1e3:.1f} ms of it for a core, the rest mostly for the GIL)"
     )
-    print(
-        f"3. upload throughput forge {forge_tp:.0f} MB/s ({fmt(forge_s)}) / "
-        f"boto3 upload_file {boto_tp:.0f} MB/s ({fmt(boto_s)})"
-    )
-    print(f"   ratio {ratios['throughput']:.3f}   (target >= {TARGET_TP})")
-    # The local S3 server is one Python process: when it is busy for (nearly) the whole upload,
-    # it sets the pace, whatever the client does.
-    busy_server = {
-        who: median(server_cpu[who]) / median(secs)
-        for who, secs in (("forge", forge_s), ("boto3", boto_s))
-    }
-    print(
-        "   server CPU per upload: "
-        + ", ".join(
-            f"{who} {median(server_cpu[who]):.2f} s ({busy_server[who]:.0%} of its wall time)"
-            for who in ("forge", "boto3")
-        )
-    )
-    server_bound = min(busy_server.values()) >= 0.9
-    if server_bound:
+    server_bound = False
+    if server is not None:
+        forge_tp, boto_tp = total / median(forge_s) / MB, total / median(boto_s) / MB
+        ratios["throughput"] = forge_tp / boto_tp
         print(
-            "   the server was busy for >= 90 % of both uploads: it is the bottleneck here, so "
-            "this ratio stays near 1 whatever the client does (a real S3 endpoint scales out)"
+            f"3. upload throughput forge {forge_tp:.0f} MB/s ({fmt(forge_s)}) / "
+            f"boto3 upload_file {boto_tp:.0f} MB/s ({fmt(boto_s)})"
         )
-    if not reniced:
-        print(f"   (the server stayed at niceness {args.server_nice}: renicing needs root)")
-    sink_forge_tp = total / median(sink_forge_s) / MB
-    sink_boto_tp = total / median(sink_boto_s) / MB
-    ratios["client throughput"] = sink_forge_tp / sink_boto_tp
-    print(
-        f"3b. the same uploads to an endpoint that only reads the bytes (scripts/bench/"
-        f"_s3_sink.py: a remote S3 with capacity to spare, so the clients set the pace): forge "
-        f"{sink_forge_tp:.0f} MB/s ({fmt(sink_forge_s)}) / boto3 upload_file "
-        f"{sink_boto_tp:.0f} MB/s ({fmt(sink_boto_s)})"
-    )
-    print(f"   ratio {ratios['client throughput']:.3f}   (target >= {TARGET_TP})")
+        print(f"   ratio {ratios['throughput']:.3f}   (target >= {TARGET_TP})")
+        # The local S3 server is one Python process: when it is busy for (nearly) the whole upload,
+        # it sets the pace, whatever the client does.
+        busy_server = {
+            who: median(server_cpu[who]) / median(secs)
+            for who, secs in (("forge", forge_s), ("boto3", boto_s))
+        }
+        print(
+            "   server CPU per upload: "
+            + ", ".join(
+                f"{who} {median(server_cpu[who]):.2f} s ({busy_server[who]:.0%} of its wall time)"
+                for who in ("forge", "boto3")
+            )
+        )
+        server_bound = min(busy_server.values()) >= 0.9
+        if server_bound:
+            print(
+                "   the server was busy for >= 90 % of both uploads: it is the bottleneck here, so "
+                "this ratio stays near 1 whatever the client does (a real S3 endpoint scales out)"
+            )
+        if not reniced:
+            print(f"   (the server stayed at niceness {args.server_nice}: renicing needs root)")
+        sink_forge_tp = total / median(sink_forge_s) / MB
+        sink_boto_tp = total / median(sink_boto_s) / MB
+        ratios["client throughput"] = sink_forge_tp / sink_boto_tp
+        print(
+            f"3b. the same uploads to an endpoint that only reads the bytes (scripts/bench/"
+            f"_s3_sink.py: a remote S3 with capacity to spare, so the clients set the pace): forge "
+            f"{sink_forge_tp:.0f} MB/s ({fmt(sink_forge_s)}) / boto3 upload_file "
+            f"{sink_boto_tp:.0f} MB/s ({fmt(sink_boto_s)})"
+        )
+        print(f"   ratio {ratios['client throughput']:.3f}   (target >= {TARGET_TP})")
     if not args.guard:
         return 0
     min_tp = args.min_throughput
@@ -360,20 +396,17 @@ def main() -> int:
                 f"   guard: the server set the pace, so throughput is checked against {min_tp} "
                 f"(forge must not fall behind boto3), not {GUARD_MIN_TP}"
             )
+    limits = [
+        ("blocked", ">", args.max_blocked),
+        ("busy", ">", args.max_busy),
+        ("throughput", "<", min_tp),
+        ("client throughput", "<", args.min_client_throughput),
+    ]
     failed = [
         f"{name} ratio {ratios[name]:.3f} {sign} {limit}"
-        for name, sign, limit, bad in [
-            ("blocked", ">", args.max_blocked, ratios["blocked"] > args.max_blocked),
-            ("busy", ">", args.max_busy, ratios["busy"] > args.max_busy),
-            ("throughput", "<", min_tp, ratios["throughput"] < min_tp),
-            (
-                "client throughput",
-                "<",
-                args.min_client_throughput,
-                ratios["client throughput"] < args.min_client_throughput,
-            ),
-        ]
-        if bad
+        for name, sign, limit in limits
+        if name in ratios  # (local storage: no throughput ratios)
+        and (ratios[name] > limit if sign == ">" else ratios[name] < limit)
     ]
     for line in failed:
         print(f"GUARD FAILED: {line}")
