@@ -44,9 +44,11 @@ class _ViewBody(io.RawIOBase):
     request body here (SigV4's payload hash, urllib3/http.client's ``sendall``, ssl) takes any
     bytes-like object, and tests an empty chunk with ``not chunk`` or ``== b""``, which a view
     passes. A body is read twice over plain HTTP (hash, then send) and once over HTTPS; copying
-    every chunk out as ``bytes`` cost ~12% of the client's CPU per uploaded byte, and held the
-    GIL for each copy while the training thread waited for it (issue 16). The buffer must stay
-    unchanged until the request is done, which the uploader guarantees (it owns the snapshot).
+    every chunk out as ``bytes`` held the GIL for each copy, so the training thread and the other
+    upload threads waited for it (issue 16). Sending views raised forge's upload rate to an
+    endpoint that is not the bottleneck from 725-738 to 749-845 MB/s (300 MB,
+    ``scripts/bench/checkpoint_stream.py`` measurement 3b). The buffer must stay unchanged until
+    the request is done, which the uploader guarantees (it owns the snapshot).
     """
 
     def __init__(self, view: memoryview) -> None:

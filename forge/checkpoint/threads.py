@@ -10,9 +10,10 @@ against nice 19 = 15 in a Ray worker, which Ray starts at niceness 15 (``RAY_wor
 
 Relative, not absolute: a fixed niceness of 10 left the threads at a Ray worker's 15, level with
 training, in every forge run (issue 16). Streaming a 300 MB checkpoint to local storage from a
-process at niceness 15, step time during the upload / without was 1.22-1.36 with the threads at
-15 and 0.99-1.16 at 19 (4 alternating pairs; 1.02 in a process at niceness 0). Raising one's own
-niceness needs no privilege; elsewhere (or if refused) the threads keep the process's priority.
+process at niceness 15, step time during the upload / without was 1.09-1.35 with the threads at
+15 and 1.03-1.12 at 19 (``python scripts/bench/checkpoint_stream.py --storage local --nice 15``,
+alternating runs; 1.01-1.08 at niceness 0). Raising one's own niceness needs no privilege;
+elsewhere (or if refused) the threads keep the process's priority.
 """
 
 from __future__ import annotations
