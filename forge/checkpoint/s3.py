@@ -46,8 +46,9 @@ class _ViewBody(io.RawIOBase):
     passes. A body is read twice over plain HTTP (hash, then send) and once over HTTPS; copying
     every chunk out as ``bytes`` held the GIL for each copy, so the training thread and the other
     upload threads waited for it (issue 16). Sending views raised forge's upload rate to an
-    endpoint that is not the bottleneck from 725-738 to 749-845 MB/s (300 MB,
-    ``scripts/bench/checkpoint_stream.py`` measurement 3b). The buffer must stay unchanged until
+    endpoint that is not the bottleneck from 725-738 to 749-845 MB/s (300 MB, two runs each, to
+    the sink endpoint of ``scripts/bench/checkpoint_stream.py``'s measurement 3b; boto3's
+    ``upload_file`` read 566-634 MB/s in the same runs). The buffer must stay unchanged until
     the request is done, which the uploader guarantees (it owns the snapshot).
     """
 
