@@ -274,6 +274,30 @@ def forge_overrides(
     return overrides
 
 
+def parse_variants(specs: list[str]) -> dict[str, tuple[str, list[str]]]:
+    """``--variant`` values as {label: (strategy, overrides)}.
+
+    Example:
+        >>> parse_variants(["zero3_eager=deepspeed_zero3:trainer.compile=false"])
+        {'zero3_eager': ('deepspeed_zero3', ['trainer.compile=false'])}
+
+    Raises:
+        ValueError: A value is not ``LABEL=STRATEGY[:k=v,...]``, or a label is a side's name.
+    """
+    out: dict[str, tuple[str, list[str]]] = {}
+    for spec in specs:
+        label, eq, rest = spec.partition("=")
+        strategy, _, overrides = rest.partition(":")
+        if not eq or not label or not strategy or label in SIDES or label in out:
+            raise ValueError(
+                f"--variant {spec!r}: expected LABEL=STRATEGY[:k=v,...] with a new label that "
+                f"is not one of {', '.join(SIDES)}, e.g. "
+                "zero3_eager=deepspeed_zero3:trainer.compile=false"
+            )
+        out[label] = (strategy, [o for o in overrides.split(",") if o])
+    return out
+
+
 def run_forge(
     overrides: list[str], address: str, storage: str, label: str, profile_dir: Path | None
 ) -> float:
@@ -332,8 +356,20 @@ def main() -> int:
         help=f"profile steps {PROFILE_WINDOW[0]}-{PROFILE_WINDOW[1]} of every side (in the "
         "warm-up); print where the time went, write each side's profiler table here",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=STRATEGY[:k=v,...]",
+        help="also run forge with this strategy and these overrides, as a side named LABEL; "
+        "repeatable (e.g. zero3_eager=deepspeed_zero3:trainer.compile=false)",
+    )
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, a few steps")
     args = parser.parse_args()
+    try:
+        variants_by_label = parse_variants(args.variant)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.smoke:
         args.steps, args.warmup, args.batch_size, args.compile = 24, 20, 2, False
     if args.steps <= args.warmup + 1:
@@ -372,6 +408,7 @@ def main() -> int:
     for extra in args.extra_batch_size:
         runs += [(side, extra, False) for side in ("bare", "ddp")]
     runs += [(side, args.batch_size, True) for side in args.pin_memory_also]
+    runs += [(label, args.batch_size, False) for label in variants_by_label]
     variants = list(dict.fromkeys((batch, pin) for _, batch, pin in runs))
 
     for batch, pin in variants:
@@ -406,9 +443,11 @@ def main() -> int:
                     step_s[key] = run_bare_ray(config, f"{storage}/bare-ray-{batch}-{pin}")
                     print(f"{side_label(*key)}: {step_s[key] * 1e3:.1f} ms/step", flush=True)
                     continue
+                name, extra = variants_by_label.get(strategy, (strategy, []))
                 overrides = forge_overrides(
-                    strategy, args.steps, batch, args.compile, args.smoke, pin, args.profile_dir
+                    name, args.steps, batch, args.compile, args.smoke, pin, args.profile_dir
                 )
+                overrides += extra  # a --variant's own overrides win (last one counts)
                 label = side_label(strategy, batch, pin)
                 folder = f"{storage}/{strategy}-{batch}-{pin}"
                 try:
@@ -454,6 +493,10 @@ def main() -> int:
             print(
                 f"forge ddp / bare in a Ray worker{at}: {ddp / bare_ray:.3f} (tokens/s; no target)"
             )
+        for label in variants_by_label:
+            variant = tps.get((label, batch, pin))
+            if variant and ddp:
+                print(f"forge {label} / forge ddp{at}: {variant / ddp:.3f} (tokens/s; no target)")
     for line in failed:
         print("FAILED", line)
     if args.smoke:

@@ -14,9 +14,16 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_strategies_gpu_bench_smoke() -> None:
-    """~80 s: the bare loop, then forge ddp / ZeRO-2 / ZeRO-3 on an embedded Ray of its own."""
+    """~90 s: the bare loop, then forge ddp / ZeRO-2 / ZeRO-3 and a --variant side on an embedded
+    Ray of its own."""
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts/bench/strategies_gpu.py"), "--smoke"],
+        [
+            sys.executable,
+            str(REPO_ROOT / "scripts/bench/strategies_gpu.py"),
+            "--smoke",
+            "--variant",
+            "ddp_log1=ddp:trainer.log_every_n_steps=1",
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -25,6 +32,7 @@ def test_strategies_gpu_bench_smoke() -> None:
     for side in ("bare", "forge ddp", "forge deepspeed_zero2", "forge deepspeed_zero3"):
         assert side in result.stdout
     assert "forge zero2 / forge ddp" in result.stdout and "smoke run:" in result.stdout
+    assert "forge ddp_log1 / forge ddp" in result.stdout  # a --variant side, and its ratio
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
