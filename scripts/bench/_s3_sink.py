@@ -5,9 +5,10 @@ the client for the same cores and sets the pace of every upload, whatever the cl
 (issue 16). A remote S3 endpoint scales out instead, and then the client's own work per byte and
 its concurrency decide the throughput. This sink stands in for that endpoint: it answers
 PutObject, CreateMultipartUpload, UploadPart and CompleteMultipartUpload as S3 does (the same
-status codes, headers and XML that botocore parses), reads every body byte into one reused buffer
-(``readinto``, no copies kept, no hashing) and counts them. It is a benchmark device, never a
-storage backend: nothing can be read back. The tests use moto.
+status codes, headers and XML that botocore parses), reads every body byte into a 1 MiB buffer
+per request (``readinto``, nothing kept, no hashing) and counts them. It runs plain HTTP on
+loopback, like the moto server, so both clients sign every payload (SigV4's SHA-256). It is a
+benchmark device, never a storage backend: nothing can be read back. The tests use moto.
 
 Run as a script it serves on ``127.0.0.1:PORT`` until killed; :class:`SinkProcess` starts it in
 a child process so that its work stays off the client's GIL. ``GET /_sink/bytes`` returns the body
@@ -116,6 +117,13 @@ class SinkProcess:
                     self.stop()
                     raise RuntimeError("the S3 sink did not start") from None
                 time.sleep(0.05)
+
+    def cpu_s(self) -> float:
+        """CPU seconds the sink has used so far (user + system)."""
+        import psutil  # a Ray dependency
+
+        times = psutil.Process(self.proc.pid).cpu_times()
+        return times.user + times.system
 
     def received(self) -> int:
         """Body bytes received so far, over every request."""
