@@ -214,7 +214,6 @@ def main() -> int:
     import boto3
     import torch
 
-    from forge.checkpoint import storage
     from forge.checkpoint.serialize import object_to_bytes, tensors_to_bytes
     from forge.checkpoint.storage import MiB, StorageOptions
     from forge.checkpoint.store import CheckpointStore
@@ -331,30 +330,8 @@ def main() -> int:
         assert store.latest().step == every * args.repeats
 
         if server is not None:  # measurements 3 and 3b are S3's
-            # -- 3. upload throughput: forge vs boto3 upload_file -------------------------------
-            reniced = server.renice(0)
             data = {n: p() if callable(p) else p for n, p in snapshot().items()}
-            with tempfile.TemporaryDirectory(prefix="forge-bench-") as tmp:
-                for name, payload in data.items():
-                    Path(tmp, name).write_bytes(payload)
-                forge_s, boto_s, server_cpu = race_uploads(
-                    data, Path(tmp), options, client, bucket, args.repeats, server.cpu_s
-                )
-                storage.remove(f"{bucket()}/t", options)
-                # -- 3b. the same race against an endpoint that is not the bottleneck -----------
-                sink = SinkProcess()
-                try:
-                    sink_options = dataclasses.replace(options, endpoint_url=sink.endpoint)
-                    sink_client = boto3.client("s3", endpoint_url=sink.endpoint)
-                    sink_forge_s, sink_boto_s, sink_cpu = race_uploads(
-                        data, Path(tmp), sink_options, sink_client, lambda: "s3://bench",
-                        args.repeats, sink.cpu_s,
-                    )  # fmt: skip
-                    received = sink.received()
-                finally:
-                    sink.stop()
-            # Every body byte of both clients' uploads reached the sink (and a little XML).
-            assert received >= 2 * args.repeats * total, (received, total)
+            throughput = measure_throughput(data, options, client, bucket, args.repeats, server)
     finally:
         if server is not None:
             server.stop()
@@ -394,55 +371,123 @@ def main() -> int:
     )
     server_bound = False
     if server is not None:
-        forge_tp, boto_tp = total / median(forge_s) / MB, total / median(boto_s) / MB
-        ratios["throughput"] = forge_tp / boto_tp
-        print(
-            f"3. upload throughput forge {forge_tp:.0f} MB/s ({fmt(forge_s)}) / "
-            f"boto3 upload_file {boto_tp:.0f} MB/s ({fmt(boto_s)})"
-        )
-        print(f"   ratio {ratios['throughput']:.3f}   (target >= {TARGET_TP})")
-        # The local S3 server is one Python process: when it is busy for (nearly) the whole upload,
-        # it sets the pace, whatever the client does.
-        busy_server = {
-            who: median(server_cpu[who]) / median(secs)
-            for who, secs in (("forge", forge_s), ("boto3", boto_s))
-        }
-        print(
-            "   server CPU per upload: "
-            + ", ".join(
-                f"{who} {median(server_cpu[who]):.2f} s ({busy_server[who]:.0%} of its wall time; "
-                "over 100%: more than one core)"
-                for who in ("forge", "boto3")
-            )
-        )
-        server_bound = min(busy_server.values()) >= 0.9
-        if server_bound:
-            print(
-                "   the server was busy for >= 90 % of both uploads: it is the bottleneck here, so "
-                "this ratio stays near 1 whatever the client does (a real S3 endpoint scales out)"
-            )
-        if not reniced:
-            print(f"   (the server stayed at niceness {args.server_nice}: renicing needs root)")
-        sink_forge_tp = total / median(sink_forge_s) / MB
-        sink_boto_tp = total / median(sink_boto_s) / MB
-        ratios["client throughput"] = sink_forge_tp / sink_boto_tp
-        print(
-            f"3b. the same uploads to an endpoint that only reads the bytes (scripts/bench/"
-            f"_s3_sink.py: a remote S3 with capacity to spare, so the clients set the pace): forge "
-            f"{sink_forge_tp:.0f} MB/s ({fmt(sink_forge_s)}) / boto3 upload_file "
-            f"{sink_boto_tp:.0f} MB/s ({fmt(sink_boto_s)})"
-        )
-        print(f"   ratio {ratios['client throughput']:.3f}   (target >= {TARGET_TP})")
-        print(
-            "   sink CPU per upload: "
-            + ", ".join(
-                f"{who} {median(sink_cpu[who]):.2f} s "
-                f"({median(sink_cpu[who]) / median(secs):.0%} of its wall time)"
-                for who, secs in (("forge", sink_forge_s), ("boto3", sink_boto_s))
-            )
-        )
+        server_bound = print_throughput(throughput, total, args.server_nice, ratios)
     if not args.guard:
         return 0
+    return check_guard(ratios, server_bound, args, local)
+
+
+@dataclasses.dataclass
+class Throughput:
+    """Measurements 3 and 3b: seconds per upload and the server's CPU seconds per upload."""
+
+    forge_s: list[float]
+    boto_s: list[float]
+    server_cpu: dict[str, list[float]]
+    reniced: bool  # the moto server back at the process's niceness for measurement 3
+    sink_forge_s: list[float]
+    sink_boto_s: list[float]
+    sink_cpu: dict[str, list[float]]
+
+
+def measure_throughput(
+    data: dict[str, Any],
+    options: Any,
+    client: Any,
+    bucket: Callable[[], str],
+    repeats: int,
+    server: MotoServer,
+) -> Throughput:
+    """3: forge's uploader vs boto3 ``upload_file`` to the moto server; 3b: the same race to
+    the sink endpoint (``_s3_sink.py``), which checks that every byte arrived."""
+    import boto3
+
+    from forge.checkpoint import storage
+
+    total = sum(len(payload) for payload in data.values())
+    reniced = server.renice(0)
+    with tempfile.TemporaryDirectory(prefix="forge-bench-") as tmp:
+        for name, payload in data.items():
+            Path(tmp, name).write_bytes(payload)
+        forge_s, boto_s, server_cpu = race_uploads(
+            data, Path(tmp), options, client, bucket, repeats, server.cpu_s
+        )
+        storage.remove(f"{bucket()}/t", options)
+        sink = SinkProcess()
+        try:
+            sink_options = dataclasses.replace(options, endpoint_url=sink.endpoint)
+            sink_client = boto3.client("s3", endpoint_url=sink.endpoint)
+            sink_forge_s, sink_boto_s, sink_cpu = race_uploads(
+                data, Path(tmp), sink_options, sink_client, lambda: "s3://bench", repeats,
+                sink.cpu_s,
+            )  # fmt: skip
+            received = sink.received()
+        finally:
+            sink.stop()
+    # Every body byte of both clients' uploads reached the sink (and a little XML).
+    assert received >= 2 * repeats * total, (received, total)
+    return Throughput(forge_s, boto_s, server_cpu, reniced, sink_forge_s, sink_boto_s, sink_cpu)
+
+
+def print_throughput(
+    tp: Throughput, total: int, server_nice: int, ratios: dict[str, float]
+) -> bool:
+    """Print measurements 3 and 3b, add their ratios to ``ratios``; returns whether the moto
+    server set the pace of both uploads in 3."""
+    forge_tp, boto_tp = total / median(tp.forge_s) / MB, total / median(tp.boto_s) / MB
+    ratios["throughput"] = forge_tp / boto_tp
+    print(
+        f"3. upload throughput forge {forge_tp:.0f} MB/s ({fmt(tp.forge_s)}) / "
+        f"boto3 upload_file {boto_tp:.0f} MB/s ({fmt(tp.boto_s)})"
+    )
+    print(f"   ratio {ratios['throughput']:.3f}   (target >= {TARGET_TP})")
+    # The local S3 server is one Python process: when it is busy for (nearly) the whole
+    # upload, it sets the pace, whatever the client does.
+    busy_server = {
+        who: median(tp.server_cpu[who]) / median(secs)
+        for who, secs in (("forge", tp.forge_s), ("boto3", tp.boto_s))
+    }
+    print(
+        "   server CPU per upload: "
+        + ", ".join(
+            f"{who} {median(tp.server_cpu[who]):.2f} s ({busy_server[who]:.0%} of its wall "
+            "time; over 100%: more than one core)"
+            for who in ("forge", "boto3")
+        )
+    )
+    server_bound = min(busy_server.values()) >= 0.9
+    if server_bound:
+        print(
+            "   the server was busy for >= 90 % of both uploads: it is the bottleneck here, so "
+            "this ratio stays near 1 whatever the client does (a real S3 endpoint scales out)"
+        )
+    if not tp.reniced:
+        print(f"   (the server stayed at niceness {server_nice}: renicing needs root)")
+    sink_forge_tp = total / median(tp.sink_forge_s) / MB
+    sink_boto_tp = total / median(tp.sink_boto_s) / MB
+    ratios["client throughput"] = sink_forge_tp / sink_boto_tp
+    print(
+        f"3b. the same uploads to an endpoint that only reads the bytes (scripts/bench/"
+        f"_s3_sink.py: a remote S3 with capacity to spare, so the clients set the pace): forge "
+        f"{sink_forge_tp:.0f} MB/s ({fmt(tp.sink_forge_s)}) / boto3 upload_file "
+        f"{sink_boto_tp:.0f} MB/s ({fmt(tp.sink_boto_s)})"
+    )
+    print(f"   ratio {ratios['client throughput']:.3f}   (target >= {TARGET_TP})")
+    print(
+        "   sink CPU per upload: "
+        + ", ".join(
+            f"{who} {median(tp.sink_cpu[who]):.2f} s "
+            f"({median(tp.sink_cpu[who]) / median(secs):.0%} of its wall time)"
+            for who, secs in (("forge", tp.sink_forge_s), ("boto3", tp.sink_boto_s))
+        )
+    )
+    return server_bound
+
+
+def check_guard(
+    ratios: dict[str, float], server_bound: bool, args: argparse.Namespace, local: bool
+) -> int:
+    """--guard: print each ratio past its limit; 1 if any is, else 0."""
     min_tp = args.min_throughput
     if min_tp is None:
         min_tp = GUARD_MIN_TP_SERVER_BOUND if server_bound else GUARD_MIN_TP
