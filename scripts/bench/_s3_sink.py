@@ -11,7 +11,8 @@ loopback, like the moto server, so both clients sign every payload (SigV4's SHA-
 benchmark device, never a storage backend: nothing can be read back. The tests use moto.
 
 Run as a script it serves on ``127.0.0.1:PORT`` until killed; :class:`SinkProcess` starts it in
-a child process so that its work stays off the client's GIL. ``GET /_sink/bytes`` returns the body
+a child process (a :class:`ServerProcess`, as the tests' moto server is) so that its work
+stays off the client's GIL. ``GET /_sink/bytes`` returns the body
 bytes received so far (the benchmark checks that every byte arrived).
 """
 
@@ -19,13 +20,14 @@ from __future__ import annotations
 
 import http.server
 import socketserver
-import subprocess
 import sys
 import threading
-import time
 import urllib.request
 import uuid
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+from moto_server import ServerProcess  # the tests' local-server helper
 
 _received = 0
 _received_lock = threading.Lock()
@@ -91,49 +93,26 @@ class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     request_queue_size = 128
 
 
-class SinkProcess:
-    """The sink in a child process on a free port of 127.0.0.1; ``.endpoint``, ``.received()``.
+class SinkProcess(ServerProcess):
+    """The sink in a child process on a free port of 127.0.0.1; ``.endpoint``, ``.received()``,
+    ``.cpu_s()``, ``.kill()``.
 
     Example:
         >>> sink = SinkProcess()  # doctest: +SKIP
-        >>> sink.received(), sink.stop()  # doctest: +SKIP
+        >>> sink.received(), sink.kill()  # doctest: +SKIP
         (0, None)
     """
 
-    def __init__(self) -> None:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-        from moto_server import free_port
+    name = "the S3 sink"
+    probe_path = "/_sink/bytes"
 
-        port = free_port()
-        self.endpoint = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen([sys.executable, __file__, str(port)])
-        deadline = time.time() + 30
-        while True:
-            try:
-                self.received()
-                return
-            except OSError:
-                if time.time() > deadline or self.proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError("the S3 sink did not start") from None
-                time.sleep(0.05)
-
-    def cpu_s(self) -> float:
-        """CPU seconds the sink has used so far (user + system)."""
-        import psutil  # a Ray dependency
-
-        times = psutil.Process(self.proc.pid).cpu_times()
-        return times.user + times.system
+    def command(self, port: int) -> list[str]:
+        return [sys.executable, __file__, str(port)]
 
     def received(self) -> int:
         """Body bytes received so far, over every request."""
         with urllib.request.urlopen(self.endpoint + "/_sink/bytes", timeout=5) as response:
             return int(response.read())
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
 
 
 if __name__ == "__main__":

@@ -87,16 +87,6 @@ class MotoServer(MotoProcess):
         req = urllib.request.Request(self.endpoint + "/moto-api/reset", method="POST")
         urllib.request.urlopen(req).close()
 
-    def stop(self) -> None:
-        self.kill()
-
-    def cpu_s(self) -> float:
-        """CPU seconds the server process has used so far (user + system)."""
-        import psutil  # a Ray dependency
-
-        times = psutil.Process(self.proc.pid).cpu_times()
-        return times.user + times.system
-
 
 def build(size_mb: float, width: int):
     """An MLP whose parameters + AdamW moments take about ``size_mb`` MB, one step taken."""
@@ -334,7 +324,7 @@ def main() -> int:
             throughput = measure_throughput(data, options, client, bucket, args.repeats, server)
     finally:
         if server is not None:
-            server.stop()
+            server.kill()
         if local_root:
             shutil.rmtree(local_root, ignore_errors=True)
 
@@ -423,7 +413,7 @@ def measure_throughput(
             )  # fmt: skip
             received = sink.received()
         finally:
-            sink.stop()
+            sink.kill()
     # Every body byte of both clients' uploads reached the sink (and a little XML).
     assert received >= 2 * repeats * total, (received, total)
     return Throughput(forge_s, boto_s, server_cpu, reniced, sink_forge_s, sink_boto_s, sink_cpu)
