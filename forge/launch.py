@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -23,7 +24,11 @@ from forge.config.specs import LaunchPlan, RunSpec
 from forge.errors import ConfigError, ForgeError, TrainingError
 
 ProgressFn = Callable[[dict[str, Any]], None]
+EventsFn = Callable[[list[dict[str, Any]]], None]
 T = TypeVar("T")
+# How often the driver looks for rank 0's events (forge.progress_channel): rank 0 sends at most
+# every 0.25 s (forge.progress_sender), and a console a quarter second behind looks live.
+_POLL_S = 0.25
 
 # Failures that mean "a process or node went away", by class name (Ray's exception classes
 # move between modules across versions; the names are stable). Everything else is
@@ -136,23 +141,23 @@ def _fit_once(
 ) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.util.queue import Queue
 
+    from forge.progress_channel import ProgressChannel
     from forge.worker import train_fn
 
-    queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+    channel = ProgressChannel()
+    channel.beat()  # before any worker asks whether the driver is alive
     summary: dict[str, Any] = {}
 
-    def handle(item: dict[str, Any] | list[dict[str, Any]]) -> None:
-        # Rank 0 sends its events in batches (forge.progress_sender): one list per queue item.
-        for event in item if isinstance(item, list) else [item]:
+    def handle(events: list[dict[str, Any]]) -> None:
+        for event in events:
             if event.get("event") == "summary":
                 summary.update(event)
             else:
                 on_progress(event)
 
     stop = threading.Event()
-    pump = threading.Thread(target=_pump, args=(queue, handle, stop), daemon=True)
+    pump = threading.Thread(target=_pump, args=(channel, handle, stop), daemon=True)
     pump.start()
 
     spec, recipe_env, staging = _ship_recipe_file(spec)
@@ -177,7 +182,7 @@ def _fit_once(
         train_loop_config={
             "spec": spec,
             "plan": plan,
-            "progress": queue,
+            "progress": channel,
             "report_acks": report_acks,
         },
         torch_config=TorchConfig(backend=scaling.backend),
@@ -202,8 +207,7 @@ def _fit_once(
     finally:
         stop.set()
         pump.join(timeout=5)
-        _drain(queue, handle)
-        queue.shutdown()
+        _drain(channel, handle)
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
     if result.error is not None:
@@ -244,23 +248,27 @@ def _ship_recipe_file(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str | Non
     return spec.model_copy(update={"recipe": recipe}), {}, None
 
 
-def _pump(queue: Any, on_progress: ProgressFn, stop: threading.Event) -> None:
-    from ray.util.queue import Empty
+def _pump(channel: Any, handle: EventsFn, stop: threading.Event) -> None:
+    """Hand rank 0's events to ``handle`` as they arrive, and keep the driver's heartbeat."""
+    from forge.progress_channel import HEARTBEAT_S
 
-    while not stop.is_set():
+    last_beat = time.monotonic()
+    while not stop.wait(_POLL_S):
         try:
-            on_progress(queue.get(timeout=0.5))
-        except Empty:
-            continue
-        except Exception:  # the queue actor died with the cluster; nothing left to show
+            handle(channel.receive())
+            if time.monotonic() - last_beat >= HEARTBEAT_S:
+                channel.beat()
+                last_beat = time.monotonic()
+        except Exception:  # the cluster went away; fit() reports that, not this thread
             return
 
 
-def _drain(queue: Any, on_progress: ProgressFn) -> None:
+def _drain(channel: Any, handle: EventsFn) -> None:
+    """The events still unread once the workers are done (the summary among them)."""
     try:
-        while not queue.empty():
-            on_progress(queue.get_nowait())
-    except Exception:
+        handle(channel.receive())
+        channel.close()
+    except Exception:  # the cluster is gone, and its store with it
         pass
 
 

@@ -1,11 +1,10 @@
 """Rank 0's progress events to the driver, sent in batches from a background thread.
 
-A put on a Ray queue is a synchronous round trip to the queue actor, and each item wakes the
-actor and the driver's pump once more. Done from the training thread at every log step, on a
-machine whose cores the workers already fill, that round trip and the processes it wakes take
-time from training. Here the training thread only appends to a list; one thread sends whatever
-has gathered, as one queue item, at most every ``interval_s`` (a delay nobody watching a console
-notices).
+Each send is a synchronous round trip to the cluster's key-value store
+(:mod:`forge.progress_channel`). Done from the training thread at every log step, on a machine
+whose cores the workers already fill, those round trips take time from training. Here the
+training thread only appends to a list; one thread sends whatever has gathered, as one batch, at
+most every ``interval_s`` (a delay nobody watching a console notices).
 """
 
 from __future__ import annotations
@@ -21,8 +20,8 @@ class BatchedSender:
     """Calls ``put(batch)`` with the events gathered since the last call, in order.
 
     Args:
-        put: Sends a list of events (e.g. a Ray queue's ``put_nowait``); its errors are
-            swallowed, since a full or closed queue must never stop training.
+        put: Sends a list of events (e.g. :meth:`forge.progress_channel.ProgressChannel.send`);
+            its errors are swallowed, since an unreachable driver must never stop training.
         interval_s: The longest an event waits for others to join its batch.
 
     Example:
@@ -67,7 +66,7 @@ class BatchedSender:
             if batch:
                 try:
                     self._put(batch)
-                except Exception:  # a full or closed queue must never stop training
+                except Exception:  # an unreachable driver must never stop training
                     pass
             if self._closing.is_set():
                 with self._lock:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from forge.config.specs import LaunchPlan, RunSpec
 from forge.errors import TrainingError
 from forge.loop import WorkerContext, freeze_setup_objects
+from forge.progress_channel import ProgressChannel
 from forge.progress_sender import BatchedSender
 
 
@@ -40,13 +41,13 @@ def train_fn(config: dict[str, Any]) -> None:
 
     spec: RunSpec = config["spec"]
     plan: LaunchPlan = config["plan"]
-    queue = config.get("progress")
+    channel: ProgressChannel | None = config.get("progress")
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
 
-    # Rank 0's events go in batches from a background thread: a queue put is a synchronous
-    # round trip to the queue actor that would otherwise stall training at every log step.
-    sender = BatchedSender(queue.put_nowait) if queue is not None and rank == 0 else None
+    # Rank 0's events go in batches from a background thread: each send is a round trip to
+    # the cluster's store that would otherwise stall training at every log step.
+    sender = BatchedSender(channel.send) if channel is not None and rank == 0 else None
 
     def send(event: dict[str, Any]) -> None:
         if sender is not None:
@@ -62,20 +63,9 @@ def train_fn(config: dict[str, Any]) -> None:
     )
 
     def driver_alive() -> bool:
-        # The progress queue is an actor the driver owns: Ray kills it when the driver dies,
-        # on any node, so a worker of a dead driver finds out before its next commit.
-        if queue is None:
-            return True
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
-
-        try:
-            ray.get(queue.actor.qsize.remote(), timeout=10)
-        except RayActorError:
-            return False
-        except (GetTimeoutError, Exception):  # busy or unsure: the lock check still runs
-            return True
-        return True
+        # The driver's heartbeat on the progress channel, which every node can read: a worker
+        # of a dead driver finds out before its next commit (forge.checkpoint.lock.fence).
+        return True if channel is None else channel.driver_alive()
 
     acks = config.get("report_acks")
 
@@ -132,7 +122,7 @@ def train_fn(config: dict[str, Any]) -> None:
     # checkpoints it uploads itself, and forge's checkpoints never go through Ray.
     send({"event": "summary", **summary})
     if sender is not None:
-        sender.close()  # every event so far reaches the queue before fit() can return
+        sender.close()  # every event so far is in the store before fit() can return
 
 
 def collectives(rank: int, world_size: int) -> dict[str, Any]:

@@ -176,10 +176,10 @@ def test_batched_sender_never_blocks_the_caller_and_swallows_errors() -> None:
     release = threading.Event()
     calls: list[int] = []
 
-    def slow_put(batch: list[dict[str, Any]]) -> None:  # a queue actor on a busy machine
+    def slow_put(batch: list[dict[str, Any]]) -> None:  # a store round trip on a busy machine
         calls.append(len(batch))
         release.wait(0.2)
-        raise RuntimeError("queue actor gone")
+        raise RuntimeError("store unreachable")
 
     send = BatchedSender(slow_put, interval_s=0.0)
     t0 = time.perf_counter()
