@@ -74,12 +74,20 @@ GUARD_MIN_TP_SERVER_BOUND = 0.85
 class MotoServer(MotoProcess):
     """The tests' moto server, plus what the benchmark needs: niceness and a reset."""
 
-    def renice(self, nice: int) -> bool:
-        """Set the server's niceness (lowering it back needs root); False if refused."""
+    def renice(self, nice: int | str) -> bool:
+        """Run every thread of the server at niceness ``nice``, or in ``SCHED_IDLE`` for
+        ``"idle"`` (Linux: it then runs only where no other thread wants the core); threads it
+        starts later inherit this from its main thread. False if refused (lowering niceness, or
+        leaving ``SCHED_IDLE``, may need root)."""
         try:
-            os.setpriority(os.PRIO_PROCESS, self.proc.pid, nice)
+            for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
+                if nice == "idle":
+                    os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+                else:
+                    os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
+                    os.setpriority(os.PRIO_PROCESS, int(tid), int(nice))
             return True
-        except OSError:
+        except (OSError, AttributeError):  # refused, a thread gone meanwhile, or not Linux
             return False
 
     def reset(self) -> None:
@@ -137,12 +145,13 @@ def main() -> int:
     )
     parser.add_argument(
         "--server-nice",
-        type=int,
-        default=19,
-        help="niceness of the S3 server while training runs (measurement 2): it stands in for "
-        "a remote service, so by default it only gets CPU that training leaves idle (0: it "
-        "competes with training as an equal). Measurements 1 and 3 run it at the process's "
-        "niceness (put back to it after measurement 2 only where renicing is allowed: root).",
+        type=lambda v: v if v == "idle" else int(v),
+        default="idle",
+        help="the S3 server's priority while training runs (measurement 2): 'idle' (default: "
+        "SCHED_IDLE, it gets only CPU that training leaves idle, as a remote service costs this "
+        "machine nothing) or a niceness (19 is still a competitor for a process at --nice 15; "
+        "0 competes as an equal). Measurements 1 and 3 run it at the process's niceness (put "
+        "back after measurement 2 only where that is allowed: root).",
     )
     parser.add_argument(
         "--guard",
@@ -395,7 +404,7 @@ def measure_throughput(
     from forge.checkpoint import storage
 
     total = sum(len(payload) for payload in data.values())
-    reniced = server.renice(0)
+    reniced = server.renice(os.nice(0))  # back to the process's own, as in measurement 1
     with tempfile.TemporaryDirectory(prefix="forge-bench-") as tmp:
         for name, payload in data.items():
             Path(tmp, name).write_bytes(payload)
@@ -420,7 +429,7 @@ def measure_throughput(
 
 
 def print_throughput(
-    tp: Throughput, total: int, server_nice: int, ratios: dict[str, float]
+    tp: Throughput, total: int, server_nice: int | str, ratios: dict[str, float]
 ) -> bool:
     """Print measurements 3 and 3b, add their ratios to ``ratios``; returns whether the moto
     server set the pace of both uploads in 3."""
@@ -452,7 +461,7 @@ def print_throughput(
             "this ratio stays near 1 whatever the client does (a real S3 endpoint scales out)"
         )
     if not tp.reniced:
-        print(f"   (the server stayed at niceness {server_nice}: renicing needs root)")
+        print(f"   (the server stayed at priority {server_nice}: putting it back needs root)")
     sink_forge_tp = total / median(tp.sink_forge_s) / MB
     sink_boto_tp = total / median(tp.sink_boto_s) / MB
     ratios["client throughput"] = sink_forge_tp / sink_boto_tp
