@@ -15,7 +15,6 @@ import os
 import shutil
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -159,6 +158,8 @@ def _fit_once(
     stop = threading.Event()
     pump = threading.Thread(target=_pump, args=(channel, handle, stop), daemon=True)
     pump.start()
+    # A thread of its own: a slow on_progress callback must not read as a dead driver.
+    threading.Thread(target=_heartbeat, args=(channel, stop), daemon=True).start()
 
     spec, recipe_env, staging = _ship_recipe_file(spec)
     scaling = spec.scaling
@@ -249,18 +250,24 @@ def _ship_recipe_file(spec: RunSpec) -> tuple[RunSpec, dict[str, Any], str | Non
 
 
 def _pump(channel: Any, handle: EventsFn, stop: threading.Event) -> None:
-    """Hand rank 0's events to ``handle`` as they arrive, and keep the driver's heartbeat."""
-    from forge.progress_channel import HEARTBEAT_S
-
-    last_beat = time.monotonic()
+    """Hand rank 0's events to ``handle`` as they arrive, until ``stop``."""
     while not stop.wait(_POLL_S):
         try:
             handle(channel.receive())
-            if time.monotonic() - last_beat >= HEARTBEAT_S:
-                channel.beat()
-                last_beat = time.monotonic()
-        except Exception:  # the cluster went away; fit() reports that, not this thread
-            return
+        except Exception:  # a store hiccup, or the cluster going away (fit() reports that)
+            continue
+
+
+def _heartbeat(channel: Any, stop: threading.Event) -> None:
+    """Bump the driver's heartbeat until ``stop``; a failed beat is retried at the next one
+    (workers take the driver for dead only after two minutes without one)."""
+    from forge.progress_channel import HEARTBEAT_S
+
+    while not stop.wait(HEARTBEAT_S):
+        try:
+            channel.beat()
+        except Exception:
+            continue
 
 
 def _drain(channel: Any, handle: EventsFn) -> None:

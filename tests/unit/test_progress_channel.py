@@ -116,3 +116,54 @@ def test_a_heartbeat_that_never_appears_times_out_as_well(kv, monkeypatch) -> No
     assert worker.driver_alive(timeout_s=60)
     now[0] += 61
     assert not worker.driver_alive(timeout_s=60)
+
+
+def test_the_drivers_threads_outlive_store_hiccups_and_callback_errors(monkeypatch) -> None:
+    """A failed receive or beat is retried: a pump or heartbeat that gave up on the first
+    error would leave workers to take a healthy driver for dead two minutes later."""
+    import threading
+    import time
+
+    from forge import launch
+
+    monkeypatch.setattr(launch, "_POLL_S", 0.01)
+    monkeypatch.setattr(progress_channel, "HEARTBEAT_S", 0.01)
+
+    class FlakyChannel:
+        def __init__(self) -> None:
+            self.receives = self.beat_calls = self.beats = 0
+
+        def receive(self) -> list[dict]:
+            self.receives += 1
+            if self.receives == 1:
+                raise ConnectionError("GCS hiccup")
+            return [{"event": "log", "step": self.receives}]
+
+        def beat(self) -> None:
+            self.beat_calls += 1
+            if self.beat_calls == 1:
+                raise ConnectionError("GCS hiccup")
+            self.beats += 1
+
+    got: list[int] = []
+
+    def handle(events: list[dict]) -> None:
+        if events[0]["step"] == 2:
+            raise RuntimeError("a bug in an on_progress callback")
+        got.extend(e["step"] for e in events)
+
+    channel, stop = FlakyChannel(), threading.Event()
+    threads = [
+        threading.Thread(target=launch._pump, args=(channel, handle, stop)),
+        threading.Thread(target=launch._heartbeat, args=(channel, stop)),
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while (len(got) < 3 or channel.beats < 2) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert got[:3] == [3, 4, 5]
+    assert channel.beats >= 2
